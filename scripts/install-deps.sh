@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what the tests need from Debian's packages: the peers Spindle is proven against and the tools the
+# tests drive. Idempotent and quick when everything is present. Needs root (or sudo).
+set -euo pipefail
+
+packages=(
+  qemu-utils        # qemu-img, qemu-io, qemu-nbd
+  libnbd-bin        # nbdinfo, nbdcopy, nbdsh
+  python3-libnbd    # the nbd module for nbdsh and test scripts (Debian's /usr/bin/python3)
+  nbdkit            # peer server for the client tests
+  nbd-server        # the reference server, peer for the client tests
+  fio               # benchmark (nbd engine)
+  fuse3             # spindle mount
+  e2fsprogs         # mkfs.ext4 / fsck for end-to-end device tests
+  openssl           # certificates for the TLS tests
+  gnutls-bin        # certtool, as nbdkit and qemu users make certificates
+  iproute2 procps psmisc
+)
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs the peers, builds, checks formatting, runs every test.
+# Usage: scripts/test.sh [extra dotnet test arguments, e.g. --filter FullyQualifiedName~Interop]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1 DOTNET_SKIP_FIRST_TIME_EXPERIENCE=1
+
+scripts/install-deps.sh
+
+echo "== build"
+dotnet build Spindle.slnx -c Release -warnaserror -nologo -v quiet
+
+echo "== format"
+dotnet format Spindle.slnx --verify-no-changes --no-restore -v quiet || {
+  echo "formatting differs: run 'dotnet format Spindle.slnx' and commit" >&2
+  exit 1
+}
+
+echo "== test"
+dotnet test Spindle.slnx -c Release --no-build -nologo --logger "console;verbosity=normal" "$@"

@@ -1,0 +1,344 @@
+using System.CommandLine;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging;
+using Spindle.Cli.Hosting;
+using Spindle.Protocol;
+using Spindle.Server;
+using Spindle.Server.Configuration;
+using Spindle.Server.Exports;
+using Spindle.Storage;
+
+namespace Spindle.Cli.Commands;
+
+/// <summary><c>spindle serve</c>: serve a file, a block device, a memory disk, or the exports of a configuration file.</summary>
+internal static class ServeCommand
+{
+    private const string Examples = """
+        Serve a file, a block device, a sparse memory disk or the exports of a configuration file over NBD.
+
+        Examples:
+          spindle serve disk.img                      serve disk.img as the default export on port 10809
+          spindle serve --port 1234 /dev/sdb1         serve a block device on port 1234
+          spindle serve -r --bind 127.0.0.1 disk.img  read-only, reachable from this machine only
+          spindle serve --memory 1G                   a 1 GiB sparse disk in memory
+          spindle serve --unix /run/disk.sock disk.img
+          spindle serve --config /etc/spindle/config  several exports (nbd-server's format; see docs/configuration.md)
+
+        Clients: nbdinfo nbd://HOST, qemu-img info nbd://HOST:10809/NAME, nbd-client HOST /dev/nbd0.
+        By default Spindle listens on every interface ([::] and 0.0.0.0) with no authentication: use --bind
+        to restrict it. SIGINT or SIGTERM stops it gracefully (in-flight requests answered, data flushed).
+        """;
+
+    public static Command Create()
+    {
+        var image = new Argument<string?>("image")
+        {
+            Description = "The file or block device to serve (omit with --memory or --config).",
+            Arity = ArgumentArity.ZeroOrOne,
+        };
+        var port = new Option<int?>("--port", "-p") { Description = "TCP port to listen on [default: 10809]." };
+        var bind = new Option<string[]>("--bind", "-b")
+        {
+            Description = "Address to listen on; repeat for several [default: every interface, IPv6 and IPv4].",
+            AllowMultipleArgumentsPerToken = false,
+        };
+        var unix = new Option<string?>("--unix", "-U") { Description = "Listen on this Unix socket (only, unless --port or --bind is given too)." };
+        var name = new Option<string>("--name", "-n")
+        {
+            Description = "Export name clients ask for [default: \"\", the default export].",
+            DefaultValueFactory = _ => string.Empty,
+        };
+        var description = new Option<string?>("--description", "-d") { Description = "Export description shown by LIST and INFO." };
+        var readOnly = new Option<bool>("--read-only", "-r") { Description = "Serve read-only: writes fail with EPERM." };
+        var memory = new Option<string?>("--memory", "-m") { Description = "Serve a sparse in-memory disk of this size (e.g. 1G) instead of a file." };
+        var create = new Option<string?>("--create") { Description = "Create IMAGE, sparse, with this size if it does not exist (e.g. 10G)." };
+        var config = new Option<string?>("--config", "-C") { Description = "Serve the exports of this configuration file (nbd-server's format)." };
+        var noList = new Option<bool>("--no-list") { Description = "Refuse NBD_OPT_LIST (clients cannot list the exports)." };
+        var handshakeTimeout = new Option<double?>("--handshake-timeout") { Description = "Seconds a client has to finish negotiating [default: 10]." };
+        var shutdownTimeout = new Option<double?>("--shutdown-timeout") { Description = "Seconds a stop waits for in-flight requests [default: 10]." };
+        var maxConnections = new Option<int?>("--max-connections") { Description = "Simultaneous connections allowed [default: 1024]." };
+        var printUri = new Option<bool>("--print-uri") { Description = "Print the NBD URI of the export on standard output once listening." };
+        var logLevel = new Option<string?>("--log-level") { Description = "trace, debug, information, warning, error or none [default: information]." };
+        var verbose = new Option<bool>("--verbose", "-v") { Description = "Same as --log-level debug." };
+        var quiet = new Option<bool>("--quiet", "-q") { Description = "Same as --log-level warning." };
+
+        var command = new Command("serve", Examples)
+        {
+            image, port, bind, unix, name, description, readOnly, memory, create, config, noList,
+            handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
+        };
+
+        command.SetAction(async (parse, cancellationToken) =>
+        {
+            var level = LogLevel.Information;
+            if (parse.GetValue(verbose))
+            {
+                level = LogLevel.Debug;
+            }
+            else if (parse.GetValue(quiet))
+            {
+                level = LogLevel.Warning;
+            }
+
+            if (parse.GetValue(logLevel) is { } levelText && !CliLogging.TryParseLevel(levelText, out level))
+            {
+                return CliErrors.Usage($"unknown log level '{levelText}'");
+            }
+
+            ServerConfiguration configuration;
+            try
+            {
+                configuration = BuildConfiguration(
+                    parse.GetValue(image), parse.GetValue(config), parse.GetValue(memory), parse.GetValue(create),
+                    parse.GetValue(name)!, parse.GetValue(description), parse.GetValue(readOnly));
+                ApplyListening(configuration, parse.GetValue(port), parse.GetValue(bind), parse.GetValue(unix));
+                if (parse.GetValue(noList))
+                {
+                    configuration.Server.AllowList = false;
+                }
+
+                if (parse.GetValue(handshakeTimeout) is { } handshake)
+                {
+                    configuration.Server.HandshakeTimeout = TimeSpan.FromSeconds(handshake);
+                }
+
+                if (parse.GetValue(shutdownTimeout) is { } shutdown)
+                {
+                    configuration.Server.ShutdownTimeout = TimeSpan.FromSeconds(shutdown);
+                }
+
+                if (parse.GetValue(maxConnections) is { } connections)
+                {
+                    configuration.Server.MaxConnections = connections;
+                }
+            }
+            catch (ConfigurationException exception)
+            {
+                return CliErrors.Usage(exception.Message);
+            }
+
+            using var loggerFactory = CliLogging.Create(level);
+            return await RunAsync(configuration, loggerFactory, parse.GetValue(printUri)).ConfigureAwait(false);
+        });
+        return command;
+    }
+
+    internal static ServerConfiguration BuildConfiguration(string? image, string? configFile, string? memory, string? create, string name, string? description, bool readOnly)
+    {
+        var sources = (image is null ? 0 : 1) + (configFile is null ? 0 : 1) + (memory is null ? 0 : 1);
+        if (sources == 0)
+        {
+            throw new ConfigurationException("nothing to serve: give a file or device, --memory SIZE, or --config FILE (see spindle serve --help)");
+        }
+
+        if (sources > 1)
+        {
+            throw new ConfigurationException("give only one of: a file or device, --memory, --config");
+        }
+
+        if (configFile is not null)
+        {
+            var fromFile = IniConfigurationReader.ReadFile(configFile);
+            if (fromFile.Exports.Count == 0)
+            {
+                throw new ConfigurationException($"{configFile}: no exports defined (add a [name] section)");
+            }
+
+            if (readOnly)
+            {
+                fromFile.Exports.ForEach(e => e.Options.ReadOnly = true);
+            }
+
+            return fromFile;
+        }
+
+        var configuration = new ServerConfiguration();
+        var options = new ExportOptions { Name = name, Description = description, ReadOnly = readOnly };
+        if (memory is not null)
+        {
+            configuration.Exports.Add(new ExportDefinition { Options = options, Backend = "memory", Size = SizeParser.Parse(memory, "--memory") });
+        }
+        else
+        {
+            configuration.Exports.Add(new ExportDefinition
+            {
+                Options = options,
+                Backend = "file",
+                Location = image,
+                Size = create is null ? null : SizeParser.Parse(create, "--create"),
+            });
+        }
+
+        return configuration;
+    }
+
+    private static void ApplyListening(ServerConfiguration configuration, int? port, string[]? bind, string? unix)
+    {
+        var hasCommandLineListening = port is not null || (bind is { Length: > 0 }) || unix is not null;
+        if (!hasCommandLineListening)
+        {
+            configuration.ResolveEndpoints();
+            return;
+        }
+
+        if (port is < 0 or > 65535)
+        {
+            throw new ConfigurationException($"--port {port} is not a TCP port");
+        }
+
+        var endpoints = configuration.Server.Endpoints;
+        endpoints.Clear();
+        if (unix is not null)
+        {
+            endpoints.Add(new ListenEndpoint.Unix(unix));
+        }
+
+        if (unix is null || port is not null || bind is { Length: > 0 })
+        {
+            var addresses = bind is { Length: > 0 } ? bind.Select(ParseAddress).ToList() : [IPAddress.IPv6Any];
+            foreach (var address in addresses)
+            {
+                endpoints.Add(new ListenEndpoint.Tcp(address, port ?? configuration.Port ?? NbdLimits.DefaultPort));
+            }
+        }
+    }
+
+    private static IPAddress ParseAddress(string text)
+    {
+        var trimmed = text.Trim('[', ']');
+        if (IPAddress.TryParse(trimmed, out var address))
+        {
+            return address;
+        }
+
+        if (trimmed.Equals("localhost", StringComparison.OrdinalIgnoreCase))
+        {
+            return IPAddress.Loopback;
+        }
+
+        throw new ConfigurationException($"--bind '{text}' is not an IP address");
+    }
+
+    private static async Task<int> RunAsync(ServerConfiguration configuration, ILoggerFactory loggerFactory, bool printUri)
+    {
+        var logger = loggerFactory.CreateLogger("Spindle");
+        foreach (var warning in configuration.Warnings)
+        {
+            logger.LogWarning("{Warning}", warning);
+        }
+
+        await using var catalog = new ExportCatalog { DefaultExportName = configuration.DefaultExport };
+        try
+        {
+            foreach (var definition in configuration.Exports)
+            {
+                BlockDevice device;
+                try
+                {
+                    device = BackendFactory.Open(definition);
+                }
+                catch (ConfigurationException exception)
+                {
+                    return CliErrors.Fail(exception.Message);
+                }
+
+                try
+                {
+                    catalog.Add(new Export(definition.Options, device));
+                }
+                catch (ArgumentException exception)
+                {
+                    await device.DisposeAsync().ConfigureAwait(false);
+                    return CliErrors.Fail(exception.Message);
+                }
+            }
+        }
+        catch (Exception exception) when (exception is IOException or UnauthorizedAccessException)
+        {
+            return CliErrors.Fail(exception.Message);
+        }
+
+        await using var server = new NbdServer(configuration.Server, catalog, loggerFactory);
+        try
+        {
+            server.Start();
+        }
+        catch (IOException exception)
+        {
+            return CliErrors.Fail(exception.Message);
+        }
+
+        foreach (var export in catalog.Exports)
+        {
+            logger.LogInformation("Serving export {Export}", export.ToString());
+        }
+
+        var uris = server.LocalEndPoints.SelectMany(endpoint => catalog.Exports.Select(export => UriFor(endpoint, export.Name))).ToList();
+        foreach (var uri in uris)
+        {
+            logger.LogInformation("Clients connect to {Uri}", uri);
+        }
+
+        if (printUri && uris.Count > 0)
+        {
+            Console.Out.WriteLine(uris[0]);
+            Console.Out.Flush();
+        }
+
+        using var stop = new ShutdownSignal(logger);
+        await stop.WaitAsync().ConfigureAwait(false);
+        logger.LogInformation("Stopping: finishing in-flight requests and flushing");
+        await server.StopAsync().ConfigureAwait(false);
+        logger.LogInformation("Stopped");
+        return 0;
+    }
+
+    private static string UriFor(EndPoint endpoint, string exportName)
+    {
+        var path = Uri.EscapeDataString(exportName);
+        return endpoint switch
+        {
+            UnixDomainSocketEndPoint unix => $"nbd+unix:///{path}?socket={unix}",
+            IPEndPoint ip when ip.Address.Equals(IPAddress.IPv6Any) || ip.Address.Equals(IPAddress.Any) => $"nbd://localhost:{ip.Port}/{path}",
+            IPEndPoint { AddressFamily: AddressFamily.InterNetworkV6 } ip => $"nbd://[{ip.Address}]:{ip.Port}/{path}",
+            IPEndPoint ip => $"nbd://{ip.Address}:{ip.Port}/{path}",
+            _ => endpoint.ToString() ?? string.Empty,
+        };
+    }
+
+    /// <summary>SIGINT and SIGTERM begin a graceful stop; a second one exits at once.</summary>
+    private sealed class ShutdownSignal : IDisposable
+    {
+        private readonly TaskCompletionSource _signalled = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly PosixSignalRegistration _interrupt;
+        private readonly PosixSignalRegistration _terminate;
+        private readonly ILogger _logger;
+
+        public ShutdownSignal(ILogger logger)
+        {
+            _logger = logger;
+            _interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Handle);
+            _terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Handle);
+        }
+
+        public Task WaitAsync() => _signalled.Task;
+
+        public void Dispose()
+        {
+            _interrupt.Dispose();
+            _terminate.Dispose();
+        }
+
+        private void Handle(PosixSignalContext context)
+        {
+            context.Cancel = true;
+            if (!_signalled.TrySetResult())
+            {
+                _logger.LogWarning("Second {Signal}: exiting without waiting", context.Signal);
+                Environment.Exit(130);
+            }
+        }
+    }
+}

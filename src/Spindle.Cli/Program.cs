@@ -1,0 +1,14 @@
+using System.CommandLine;
+using Spindle.Cli.Commands;
+
+var root = new RootCommand("Spindle: a network block device server and client speaking NBD (fixed newstyle).")
+{
+    ServeCommand.Create(),
+};
+
+var configuration = new InvocationConfiguration
+{
+    // Signals are handled by the commands themselves (a graceful stop needs more than a cancelled token).
+    ProcessTerminationTimeout = null,
+};
+return await root.Parse(args).InvokeAsync(configuration).ConfigureAwait(false);

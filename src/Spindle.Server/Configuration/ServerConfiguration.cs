@@ -1,0 +1,449 @@
+using System.Globalization;
+using System.Net;
+using Spindle.Protocol;
+using Spindle.Server.Exports;
+
+namespace Spindle.Server.Configuration;
+
+/// <summary>What one export is served from, as written in a configuration file or on the command line.</summary>
+public sealed class ExportDefinition
+{
+    public required ExportOptions Options { get; init; }
+
+    /// <summary>The backend kind: "file" (a file or block device), "memory", or another registered kind such as "rbd".</summary>
+    public string Backend { get; set; } = "file";
+
+    /// <summary>The file, device or backend-specific location (for "file": the path).</summary>
+    public string? Location { get; set; }
+
+    /// <summary>For "memory" the size; for "file" the size to create a missing file with (nbd-server's filesize).</summary>
+    public long? Size { get; set; }
+
+    /// <summary>Backend-specific keys (for example an RBD export's conf, id and keyring).</summary>
+    public Dictionary<string, string> Settings { get; } = new(StringComparer.OrdinalIgnoreCase);
+
+    /// <summary>Where it was defined, for error messages.</summary>
+    public string Source { get; set; } = "command line";
+}
+
+/// <summary>A whole server configuration: server options plus export definitions.</summary>
+public sealed class ServerConfiguration
+{
+    public ServerOptions Server { get; } = new();
+
+    public List<ExportDefinition> Exports { get; } = [];
+
+    /// <summary>The export served to clients asking for the empty name (the <c>default</c> key of [generic]).</summary>
+    public string? DefaultExport { get; set; }
+
+    /// <summary>Notes about keys that were accepted but have no effect (for example nbd-server's <c>user</c>).</summary>
+    public List<string> Warnings { get; } = [];
+
+    /// <summary>[generic] port; default 10809.</summary>
+    public int? Port { get; set; }
+
+    /// <summary>[generic] listenaddr; default every interface.</summary>
+    public List<IPAddress>? ListenAddresses { get; set; }
+
+    /// <summary>[generic] unixsock: listen on this Unix socket (and not on TCP unless <see cref="DualListen"/>).</summary>
+    public string? UnixSocket { get; set; }
+
+    /// <summary>[generic] duallisten: with unixsock, listen on TCP as well.</summary>
+    public bool DualListen { get; set; }
+
+    /// <summary>Turns the listening keys into <see cref="ServerOptions.Endpoints"/>, as nbd-server would listen.</summary>
+    public void ResolveEndpoints()
+    {
+        Server.Endpoints.Clear();
+        if (UnixSocket is not null)
+        {
+            Server.Endpoints.Add(new ListenEndpoint.Unix(UnixSocket));
+            if (!DualListen)
+            {
+                return;
+            }
+        }
+
+        var port = Port ?? NbdLimits.DefaultPort;
+        foreach (var address in ListenAddresses ?? [IPAddress.IPv6Any])
+        {
+            Server.Endpoints.Add(new ListenEndpoint.Tcp(address, port));
+        }
+    }
+}
+
+/// <summary>
+/// Reads nbd-server's configuration format (nbd-server(5)): <c>[generic]</c> first, then one section per export
+/// whose name is the export name; <c>key = value</c> lines; <c>#</c> comments; booleans <c>true</c>/<c>false</c>.
+/// Spindle adds a few keys (backend, size, description, block sizes). Keys nbd-server has but Spindle does not
+/// implement are refused when ignoring them could change what happens to data (copyonwrite, temporary...), and
+/// reported as warnings when they are only operational (user, group, max_threads...).
+/// </summary>
+public static class IniConfigurationReader
+{
+    /// <summary>nbd-server keys with no effect here: accepted so existing files load, reported as warnings.</summary>
+    private static readonly HashSet<string> IgnoredGenericKeys = new(StringComparer.OrdinalIgnoreCase)
+    {
+        "user", "group", "max_threads", "splice", "oldstyle", "tlsprio",
+    };
+
+    private static readonly HashSet<string> IgnoredExportKeys = new(StringComparer.OrdinalIgnoreCase)
+    {
+        "splice", "sdp", "listenaddr", "sync",
+    };
+
+    /// <summary>nbd-server export keys whose absence of effect would silently change data handling.</summary>
+    private static readonly HashSet<string> RefusedExportKeys = new(StringComparer.OrdinalIgnoreCase)
+    {
+        "copyonwrite", "cowdir", "sparse_cow", "multifile", "treefiles", "temporary", "virtstyle", "prerun", "postrun",
+        "transactionlog", "datalog", "waitfile",
+    };
+
+    public static ServerConfiguration ReadFile(string path)
+    {
+        var configuration = new ServerConfiguration();
+        ReadInto(configuration, path, allowGeneric: true);
+        return configuration;
+    }
+
+    public static ServerConfiguration Parse(string text, string sourceName = "configuration")
+    {
+        var configuration = new ServerConfiguration();
+        ParseInto(configuration, text.Split('\n'), sourceName, Path.GetDirectoryName(Path.GetFullPath(sourceName)) ?? ".", allowGeneric: true);
+        return configuration;
+    }
+
+    private static void ReadInto(ServerConfiguration configuration, string path, bool allowGeneric)
+    {
+        var full = Path.GetFullPath(path);
+        if (!File.Exists(full))
+        {
+            throw new ConfigurationException($"{full}: no such configuration file");
+        }
+
+        ParseInto(configuration, File.ReadAllLines(full), full, Path.GetDirectoryName(full)!, allowGeneric);
+    }
+
+    private static void ParseInto(ServerConfiguration configuration, IEnumerable<string> lines, string source, string directory, bool allowGeneric)
+    {
+        string? section = null;
+        ExportDefinition? export = null;
+        var genericSeen = false;
+        var exportNames = new HashSet<string>(configuration.Exports.Select(e => e.Options.Name), StringComparer.Ordinal);
+        var lineNumber = 0;
+        foreach (var raw in lines)
+        {
+            lineNumber++;
+            var line = raw.Trim();
+            if (line.Length == 0 || line[0] is '#' or ';')
+            {
+                continue;
+            }
+
+            var where = $"{source}:{lineNumber}";
+            if (line[0] == '[')
+            {
+                if (line[^1] != ']')
+                {
+                    throw new ConfigurationException($"{where}: section header '{line}' has no closing ']'");
+                }
+
+                section = line[1..^1].Trim();
+                if (section.Equals("generic", StringComparison.Ordinal))
+                {
+                    if (!allowGeneric)
+                    {
+                        throw new ConfigurationException($"{where}: [generic] is not allowed in an included file");
+                    }
+
+                    if (genericSeen)
+                    {
+                        throw new ConfigurationException($"{where}: a second [generic] section");
+                    }
+
+                    genericSeen = true;
+                    export = null;
+                    continue;
+                }
+
+                if (!exportNames.Add(section))
+                {
+                    throw new ConfigurationException($"{where}: export [{section}] is defined twice");
+                }
+
+                export = new ExportDefinition { Options = new ExportOptions { Name = section }, Source = where };
+                configuration.Exports.Add(export);
+                continue;
+            }
+
+            var equals = line.IndexOf('=', StringComparison.Ordinal);
+            if (equals <= 0)
+            {
+                throw new ConfigurationException($"{where}: expected 'key = value', found '{line}'");
+            }
+
+            var key = line[..equals].Trim();
+            var value = line[(equals + 1)..].Trim();
+            if (section is null)
+            {
+                throw new ConfigurationException($"{where}: '{key}' appears before any [section]");
+            }
+
+            if (export is null)
+            {
+                ApplyGeneric(configuration, key, value, where, directory);
+            }
+            else
+            {
+                ApplyExport(configuration, export, key, value, where);
+            }
+        }
+
+        foreach (var definition in configuration.Exports)
+        {
+            if (definition.Backend == "file" && string.IsNullOrEmpty(definition.Location))
+            {
+                throw new ConfigurationException($"{definition.Source}: export [{definition.Options.Name}] needs 'exportname = /path/to/file' (or 'backend = memory' with a size)");
+            }
+
+            if (definition.Backend == "memory" && definition.Size is null)
+            {
+                throw new ConfigurationException($"{definition.Source}: memory export [{definition.Options.Name}] needs 'size = ...' (for example 1G)");
+            }
+        }
+    }
+
+    private static void ApplyGeneric(ServerConfiguration configuration, string key, string value, string where, string directory)
+    {
+        var server = configuration.Server;
+        switch (key.ToLowerInvariant())
+        {
+            case "port":
+                configuration.Port = ParseInt(value, where, key, 0, 65535);
+                break;
+            case "listenaddr":
+                configuration.ListenAddresses = value.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+                    .Select(a => IPAddress.TryParse(a.Trim('[', ']'), out var address) ? address : throw new ConfigurationException($"{where}: '{a}' is not an IP address"))
+                    .ToList();
+                break;
+            case "unixsock":
+                configuration.UnixSocket = value;
+                break;
+            case "duallisten":
+                configuration.DualListen = ParseBool(value, where, key);
+                break;
+            case "allowlist":
+                server.AllowList = ParseBool(value, where, key);
+                break;
+            case "default":
+                configuration.DefaultExport = value;
+                break;
+            case "maxconnections":
+            case "max_connections":
+                server.MaxConnections = ParseInt(value, where, key, 1, int.MaxValue);
+                break;
+            case "handshake_timeout":
+                server.HandshakeTimeout = TimeSpan.FromSeconds(ParseInt(value, where, key, 1, 3600));
+                break;
+            case "shutdown_timeout":
+                server.ShutdownTimeout = TimeSpan.FromSeconds(ParseInt(value, where, key, 0, 3600));
+                break;
+            case "includedir":
+                var included = Path.IsPathRooted(value) ? value : Path.Combine(directory, value);
+                if (!Directory.Exists(included))
+                {
+                    throw new ConfigurationException($"{where}: includedir '{included}' does not exist");
+                }
+
+                foreach (var file in Directory.GetFiles(included, "*.conf").Order(StringComparer.Ordinal))
+                {
+                    ReadInto(configuration, file, allowGeneric: false);
+                }
+
+                break;
+            default:
+                if (IgnoredGenericKeys.Contains(key))
+                {
+                    configuration.Warnings.Add($"{where}: '{key}' has no effect in Spindle and is ignored");
+                    break;
+                }
+
+                throw new ConfigurationException($"{where}: unknown [generic] key '{key}' (see docs/configuration.md)");
+        }
+    }
+
+    private static void ApplyExport(ServerConfiguration configuration, ExportDefinition export, string key, string value, string where)
+    {
+        var options = export.Options;
+        switch (key.ToLowerInvariant())
+        {
+            case "exportname":
+            case "path":
+                export.Location = value;
+                break;
+            case "backend":
+                export.Backend = value.ToLowerInvariant();
+                break;
+            case "filesize":
+            case "size":
+                export.Size = SizeParser.Parse(value, where);
+                break;
+            case "readonly":
+                options.ReadOnly = ParseBool(value, where, key);
+                break;
+            case "description":
+                options.Description = value;
+                break;
+            case "flush":
+            case "fua":
+                options.Flush = ParseBool(value, where, key);
+                break;
+            case "trim":
+                options.Trim = ParseBool(value, where, key);
+                break;
+            case "write_zeroes":
+                options.WriteZeroes = ParseBool(value, where, key);
+                break;
+            case "rotational":
+                options.Rotational = ParseBool(value, where, key);
+                break;
+            case "multiconn":
+                options.MultiConn = ParseBool(value, where, key);
+                break;
+            case "minblocksize":
+            case "preferredblocksize":
+            case "maxblocksize":
+                var sizes = options.BlockSizes ?? BlockSizeConstraints.Default;
+                var number = (uint)ParseInt(value, where, key, 1, int.MaxValue);
+                options.BlockSizes = key.ToLowerInvariant() switch
+                {
+                    "minblocksize" => sizes with { Minimum = number },
+                    "preferredblocksize" => sizes with { Preferred = number },
+                    _ => sizes with { Maximum = number },
+                };
+                break;
+            default:
+                if (RefusedExportKeys.Contains(key))
+                {
+                    throw new ConfigurationException($"{where}: nbd-server's '{key}' is not supported by Spindle; remove it (serving without it would change how data is handled)");
+                }
+
+                if (IgnoredExportKeys.Contains(key))
+                {
+                    configuration.Warnings.Add($"{where}: '{key}' has no effect in Spindle and is ignored");
+                    break;
+                }
+
+                // Backend-specific settings (for example conf, id, keyring for rbd) are passed through.
+                if (export.Backend is not ("file" or "memory"))
+                {
+                    export.Settings[key] = value;
+                    break;
+                }
+
+                throw new ConfigurationException($"{where}: unknown export key '{key}' (see docs/configuration.md)");
+        }
+    }
+
+    private static bool ParseBool(string value, string where, string key) => value.ToLowerInvariant() switch
+    {
+        "true" or "yes" or "on" or "1" => true,
+        "false" or "no" or "off" or "0" => false,
+        _ => throw new ConfigurationException($"{where}: '{key}' must be true or false, not '{value}'"),
+    };
+
+    private static int ParseInt(string value, string where, string key, int minimum, int maximum)
+    {
+        if (!int.TryParse(value, NumberStyles.Integer, CultureInfo.InvariantCulture, out var number) || number < minimum || number > maximum)
+        {
+            throw new ConfigurationException($"{where}: '{key}' must be a whole number from {minimum} to {maximum}, not '{value}'");
+        }
+
+        return number;
+    }
+}
+
+/// <summary>A configuration that cannot be used, with the file and line at fault.</summary>
+public sealed class ConfigurationException : Exception
+{
+    public ConfigurationException(string message)
+        : base(message)
+    {
+    }
+
+    public ConfigurationException()
+    {
+    }
+
+    public ConfigurationException(string message, Exception innerException)
+        : base(message, innerException)
+    {
+    }
+}
+
+/// <summary>Parses sizes such as <c>1G</c>, <c>512M</c>, <c>4096</c>, <c>10GiB</c>. Suffixes are powers of 1024.</summary>
+public static class SizeParser
+{
+    public static long Parse(string text, string where = "size")
+    {
+        if (TryParse(text, out var size))
+        {
+            return size;
+        }
+
+        throw new ConfigurationException($"{where}: '{text}' is not a size (examples: 4096, 512M, 1G, 2T)");
+    }
+
+    public static bool TryParse(string? text, out long size)
+    {
+        size = 0;
+        if (string.IsNullOrWhiteSpace(text))
+        {
+            return false;
+        }
+
+        var s = text.Trim();
+        var end = s.Length;
+        if (s.EndsWith("iB", StringComparison.OrdinalIgnoreCase))
+        {
+            end -= 2;
+        }
+        else if (s.EndsWith('B') || s.EndsWith('b'))
+        {
+            end -= 1;
+        }
+
+        var shift = 0;
+        if (end > 0)
+        {
+            shift = char.ToUpperInvariant(s[end - 1]) switch
+            {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                'E' => 60,
+                _ => 0,
+            };
+            if (shift > 0)
+            {
+                end--;
+            }
+        }
+
+        if (!decimal.TryParse(s.AsSpan(0, end), NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out var number) || number < 0)
+        {
+            return false;
+        }
+
+        var bytes = number * (1L << shift);
+        if (bytes > long.MaxValue || bytes != decimal.Truncate(bytes))
+        {
+            return false;
+        }
+
+        size = (long)bytes;
+        return true;
+    }
+}

@@ -1,0 +1,423 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Text;
+using Spindle.Protocol;
+using Spindle.Server.Buffers;
+using Spindle.Server.Exports;
+using Spindle.Server.Logging;
+
+namespace Spindle.Server.Connections;
+
+internal enum NegotiationOutcome
+{
+    Transmission,
+    Aborted,
+    PeerClosed,
+    Refused,
+    TimedOut,
+    Shutdown,
+}
+
+/// <summary>Fixed newstyle negotiation (proto.md "Handshake"; the reference sheet §2 and §10).</summary>
+internal sealed partial class NbdConnection
+{
+    /// <summary>The id of <c>base:allocation</c> on every connection. Opaque to clients, valid only on this connection.</summary>
+    internal const uint AllocationContextId = 1;
+
+    private const ClientFlags KnownClientFlags = ClientFlags.FixedNewstyle | ClientFlags.NoZeroes;
+
+    private readonly ArrayBufferWriter<byte> _output = new(1024);
+    private bool _clientNoZeroes;
+    private bool _structuredReplies;
+    private string? _metaContextExport;
+    private bool _allocationSelected;
+    private int _optionCount;
+    private Export? _export;
+    private string _requestedName = string.Empty;
+
+    private async Task<NegotiationOutcome> NegotiateWithTimeoutAsync()
+    {
+        using var timeout = new CancellationTokenSource(_options.HandshakeTimeout);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, _abort.Token, _server.StoppingToken);
+        try
+        {
+            return await NegotiateAsync(linked.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (timeout.IsCancellationRequested)
+        {
+            ServerLog.HandshakeTimedOut(_logger, Id, Peer, _options.HandshakeTimeout.TotalSeconds);
+            return NegotiationOutcome.TimedOut;
+        }
+        catch (OperationCanceledException) when (_server.StoppingToken.IsCancellationRequested)
+        {
+            // Nothing is in flight during negotiation, so a stopping server simply closes idle handshakes.
+            return NegotiationOutcome.Shutdown;
+        }
+    }
+
+    private async Task<NegotiationOutcome> NegotiateAsync(CancellationToken cancellationToken)
+    {
+        ServerGreeting.Write(_output.GetSpan(ServerGreeting.Length), HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes);
+        _output.Advance(ServerGreeting.Length);
+        await FlushOutputAsync(cancellationToken).ConfigureAwait(false);
+
+        if (!await _input.EnsureAsync(4, cancellationToken).ConfigureAwait(false))
+        {
+            return NegotiationOutcome.PeerClosed;
+        }
+
+        var clientFlags = (ClientFlags)BinaryPrimitives.ReadUInt32BigEndian(_input.Span);
+        _input.Consume(4);
+        if ((clientFlags & ~KnownClientFlags) != 0)
+        {
+            // "the server MUST drop the TCP connection if the client sets an unknown flag"
+            ServerLog.ProtocolViolation(_logger, Id, Peer, $"unknown client flags 0x{(uint)clientFlags:x8}");
+            return NegotiationOutcome.Refused;
+        }
+
+        _clientNoZeroes = (clientFlags & ClientFlags.NoZeroes) != 0;
+
+        while (true)
+        {
+            if (!await _input.EnsureAsync(OptionHeader.Length, cancellationToken).ConfigureAwait(false))
+            {
+                return NegotiationOutcome.PeerClosed;
+            }
+
+            if (OptionHeader.TryRead(_input.Span, out var header) != ParseStatus.Done)
+            {
+                ServerLog.ProtocolViolation(_logger, Id, Peer, "option does not start with IHAVEOPT");
+                return NegotiationOutcome.Refused;
+            }
+
+            _input.Consume(OptionHeader.Length);
+            ServerLog.OptionReceived(_logger, Id, Peer, Describe(header.Option), header.DataLength);
+            if (++_optionCount > _options.MaxOptionsPerConnection)
+            {
+                ServerLog.ProtocolViolation(_logger, Id, Peer, $"more than {_options.MaxOptionsPerConnection} options");
+                return NegotiationOutcome.Refused;
+            }
+
+            var outcome = await HandleOptionAsync(header, cancellationToken).ConfigureAwait(false);
+            await FlushOutputAsync(cancellationToken).ConfigureAwait(false);
+            if (outcome is { } done)
+            {
+                if (done == NegotiationOutcome.Aborted)
+                {
+                    await _transport.ShutdownSendAsync().ConfigureAwait(false);
+                }
+
+                return done;
+            }
+        }
+    }
+
+    /// <summary>Handles one option. Returns null to keep negotiating.</summary>
+    private async Task<NegotiationOutcome?> HandleOptionAsync(OptionHeader header, CancellationToken cancellationToken)
+    {
+        var option = header.Option;
+        if (option == NbdOption.ExportName)
+        {
+            return await HandleExportNameAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+        }
+
+        if (option == NbdOption.Abort)
+        {
+            // Any data is ignored; the ACK is sent even while shutting down.
+            await _input.DiscardAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+            WriteReply(option, OptionReplyType.Ack, default);
+            ServerLog.SoftDisconnect(_logger, Id, Peer, "NBD_OPT_ABORT");
+            return NegotiationOutcome.Aborted;
+        }
+
+        if (_server.IsStopping)
+        {
+            await _input.DiscardAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+            WriteError(option, OptionReplyType.ErrorShutdown, "the server is shutting down");
+            return null;
+        }
+
+        if (!IsKnownOption(option))
+        {
+            // Unknown (or unimplemented) option: skip exactly its data so the next option parses, and say so.
+            await _input.DiscardAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+            WriteError(option, OptionReplyType.ErrorUnsupported, $"{Describe(option)} is not supported by this server");
+            return null;
+        }
+
+        if (header.DataLength > (uint)_options.MaxOptionDataLength)
+        {
+            await _input.DiscardAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+            WriteError(option, OptionReplyType.ErrorTooBig, $"{header.DataLength} bytes of option data is more than the {_options.MaxOptionDataLength} this server accepts");
+            return null;
+        }
+
+        var length = (int)header.DataLength;
+        var rented = BufferPool.Shared.Rent(Math.Max(length, 1));
+        try
+        {
+            await _input.ReadExactlyAsync(rented.AsMemory(0, length), cancellationToken).ConfigureAwait(false);
+            return HandleBufferedOption(option, rented.AsSpan(0, length));
+        }
+        finally
+        {
+            BufferPool.Shared.Return(rented);
+        }
+    }
+
+    private static bool IsKnownOption(NbdOption option) => option is NbdOption.List or NbdOption.StartTls or NbdOption.Info
+        or NbdOption.Go or NbdOption.StructuredReply or NbdOption.ListMetaContext or NbdOption.SetMetaContext;
+
+    private NegotiationOutcome? HandleBufferedOption(NbdOption option, ReadOnlySpan<byte> data)
+    {
+        switch (option)
+        {
+            case NbdOption.List:
+                HandleList(data);
+                return null;
+            case NbdOption.StartTls:
+                HandleStartTls(data);
+                return null;
+            case NbdOption.Info:
+            case NbdOption.Go:
+                return HandleInfoOrGo(option, data);
+            case NbdOption.StructuredReply:
+                HandleStructuredReply(data);
+                return null;
+            case NbdOption.ListMetaContext:
+            case NbdOption.SetMetaContext:
+                HandleMetaContext(option, data);
+                return null;
+            default:
+                WriteError(option, OptionReplyType.ErrorUnsupported, $"{Describe(option)} is not supported by this server");
+                return null;
+        }
+    }
+
+    private async Task<NegotiationOutcome?> HandleExportNameAsync(uint length, CancellationToken cancellationToken)
+    {
+        // EXPORT_NAME has no error reply: when it cannot be satisfied the only answer is to close.
+        if (length > NbdLimits.MaxStringLength)
+        {
+            ServerLog.ProtocolViolation(_logger, Id, Peer, $"NBD_OPT_EXPORT_NAME with a {length}-byte name");
+            return NegotiationOutcome.Refused;
+        }
+
+        var bytes = new byte[length];
+        await _input.ReadExactlyAsync(bytes, cancellationToken).ConfigureAwait(false);
+        if (!NbdString.TryDecode(bytes, out var name, out var problem))
+        {
+            ServerLog.ProtocolViolation(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME: " + problem);
+            return NegotiationOutcome.Refused;
+        }
+
+        if (_server.IsStopping)
+        {
+            return NegotiationOutcome.Shutdown;
+        }
+
+        if (!_server.Catalog.TryGet(name, out var export))
+        {
+            ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", OptionReplyType.ErrorUnknown, $"no export named '{name}'; closing, as EXPORT_NAME cannot report errors");
+            return NegotiationOutcome.Refused;
+        }
+
+        var flags = export.FlagsFor(_structuredReplies);
+        var span = _output.GetSpan(ExportNameReply.FullLength);
+        _output.Advance(ExportNameReply.Write(span, (ulong)export.Size, flags, _clientNoZeroes));
+        EnterTransmission(export, name);
+        return NegotiationOutcome.Transmission;
+    }
+
+    private void HandleList(ReadOnlySpan<byte> data)
+    {
+        if (!data.IsEmpty)
+        {
+            WriteError(NbdOption.List, OptionReplyType.ErrorInvalid, "NBD_OPT_LIST takes no data");
+            return;
+        }
+
+        if (!_options.AllowList)
+        {
+            WriteError(NbdOption.List, OptionReplyType.ErrorPolicy, "listing exports is disabled on this server");
+            return;
+        }
+
+        foreach (var export in _server.Catalog.Exports)
+        {
+            WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(export.Name, export.Options.Description));
+        }
+
+        WriteReply(NbdOption.List, OptionReplyType.Ack, default);
+    }
+
+    private void HandleStartTls(ReadOnlySpan<byte> data)
+    {
+        if (!data.IsEmpty)
+        {
+            WriteError(NbdOption.StartTls, OptionReplyType.ErrorInvalid, "NBD_OPT_STARTTLS takes no data");
+            return;
+        }
+
+        // NOTLS mode: ERR_POLICY, and never ERR_TLS_REQD for anything.
+        WriteError(NbdOption.StartTls, OptionReplyType.ErrorPolicy, "TLS is not configured on this server");
+    }
+
+    private void HandleStructuredReply(ReadOnlySpan<byte> data)
+    {
+        if (!data.IsEmpty)
+        {
+            WriteError(NbdOption.StructuredReply, OptionReplyType.ErrorInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data");
+            return;
+        }
+
+        if (_structuredReplies)
+        {
+            WriteError(NbdOption.StructuredReply, OptionReplyType.ErrorInvalid, "structured replies are already negotiated");
+            return;
+        }
+
+        _structuredReplies = true;
+        WriteReply(NbdOption.StructuredReply, OptionReplyType.Ack, default);
+    }
+
+    private NegotiationOutcome? HandleInfoOrGo(NbdOption option, ReadOnlySpan<byte> data)
+    {
+        if (!InfoRequest.TryParse(data, out var request, out var problem))
+        {
+            WriteError(option, OptionReplyType.ErrorInvalid, problem!);
+            return null;
+        }
+
+        if (!_server.Catalog.TryGet(request!.ExportName, out var export))
+        {
+            WriteError(option, OptionReplyType.ErrorUnknown, $"no export named '{request.ExportName}'");
+            return null;
+        }
+
+        Span<byte> info = stackalloc byte[InfoReplies.BlockSizeLength];
+        var flags = export.FlagsFor(_structuredReplies);
+        WriteReply(option, OptionReplyType.Info, info[..InfoReplies.WriteExport(info, (ulong)export.Size, flags)]);
+        foreach (var requested in request.Requests.Distinct())
+        {
+            switch (requested)
+            {
+                case InfoType.Name:
+                    WriteReply(option, OptionReplyType.Info, InfoReplies.StringInfo(InfoType.Name, export.Name));
+                    break;
+                case InfoType.Description when export.Options.Description is { Length: > 0 } description:
+                    WriteReply(option, OptionReplyType.Info, InfoReplies.StringInfo(InfoType.Description, description));
+                    break;
+            }
+        }
+
+        // Block sizes go out whether asked for or not: a client that did not ask may ignore them, and one that did
+        // learns what it must obey.
+        WriteReply(option, OptionReplyType.Info, info[..InfoReplies.WriteBlockSize(info, export.BlockSizes)]);
+        WriteReply(option, OptionReplyType.Ack, default);
+        if (option == NbdOption.Go)
+        {
+            EnterTransmission(export, request.ExportName);
+            return NegotiationOutcome.Transmission;
+        }
+
+        return null;
+    }
+
+    private void HandleMetaContext(NbdOption option, ReadOnlySpan<byte> data)
+    {
+        var set = option == NbdOption.SetMetaContext;
+        if (set)
+        {
+            // SET replaces every earlier selection, even when it fails.
+            _allocationSelected = false;
+            _metaContextExport = null;
+        }
+
+        if (!_structuredReplies)
+        {
+            WriteError(option, OptionReplyType.ErrorInvalid, "metadata contexts need structured replies to be negotiated first");
+            return;
+        }
+
+        if (!MetaContextRequest.TryParse(data, out var request, out var problem))
+        {
+            WriteError(option, OptionReplyType.ErrorInvalid, problem!);
+            return;
+        }
+
+        if (!_server.Catalog.TryGet(request!.ExportName, out _))
+        {
+            WriteError(option, OptionReplyType.ErrorUnknown, $"no export named '{request.ExportName}'");
+            return;
+        }
+
+        var matchesAllocation = !set && request.Queries.Count == 0;
+        foreach (var query in request.Queries)
+        {
+            var colon = query.IndexOf(':', StringComparison.Ordinal);
+            if (colon <= 0)
+            {
+                WriteError(option, OptionReplyType.ErrorInvalid, $"query '{query}' does not start with a namespace and a colon");
+                return;
+            }
+
+            // "base:" is a wildcard for LIST and ignored by SET; unknown leaves and namespaces are ignored.
+            if (query == MetaContexts.BaseAllocation || (!set && query == MetaContexts.BaseNamespace))
+            {
+                matchesAllocation = true;
+            }
+        }
+
+        if (matchesAllocation)
+        {
+            var id = set ? AllocationContextId : 0u;
+            WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(id, MetaContexts.BaseAllocation));
+            if (set)
+            {
+                _allocationSelected = true;
+                _metaContextExport = request.ExportName;
+            }
+        }
+
+        WriteReply(option, OptionReplyType.Ack, default);
+    }
+
+    private void EnterTransmission(Export export, string requestedName)
+    {
+        _export = export;
+        _requestedName = requestedName;
+        export.OnConnected();
+        InTransmission = true;
+        _blockStatus = _allocationSelected && _metaContextExport == requestedName;
+        _flags = export.FlagsFor(_structuredReplies);
+        ServerLog.ExportSelected(_logger, Id, Peer, export.Name, export.Size, _flags, _structuredReplies, _blockStatus);
+    }
+
+    private void WriteReply(NbdOption option, OptionReplyType type, ReadOnlySpan<byte> data)
+    {
+        var span = _output.GetSpan(OptionReplyHeader.Length + data.Length);
+        OptionReplyHeader.Write(span, option, type, (uint)data.Length);
+        data.CopyTo(span[OptionReplyHeader.Length..]);
+        _output.Advance(OptionReplyHeader.Length + data.Length);
+    }
+
+    /// <summary>An error reply carries a message for the user; the refusal is logged with the client's address.</summary>
+    private void WriteError(NbdOption option, OptionReplyType type, string message)
+    {
+        ServerLog.OptionRefused(_logger, Id, Peer, Describe(option), type, message);
+        var bytes = Encoding.UTF8.GetBytes(message.Length > 1024 ? message[..1024] : message);
+        WriteReply(option, type, bytes);
+    }
+
+    private async ValueTask FlushOutputAsync(CancellationToken cancellationToken)
+    {
+        if (_output.WrittenCount == 0)
+        {
+            return;
+        }
+
+        await _transport.SendAsync(_output.WrittenMemory, cancellationToken).ConfigureAwait(false);
+        _output.ResetWrittenCount();
+    }
+}

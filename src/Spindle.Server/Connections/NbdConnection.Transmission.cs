@@ -1,0 +1,404 @@
+using Spindle.Protocol;
+using Spindle.Server.Logging;
+using Spindle.Storage;
+
+namespace Spindle.Server.Connections;
+
+/// <summary>
+/// The transmission phase: one reader parses requests and hands them to the thread pool (or runs the last of a
+/// burst itself); each request executes against the backend and queues its reply on the <see cref="ReplyWriter"/>.
+/// Replies go out in completion order, matched by cookie.
+/// </summary>
+internal sealed partial class NbdConnection
+{
+    private readonly Stack<TransmissionRequest> _freeRequests = new();
+    private readonly Lock _freeLock = new();
+    private TransmissionFlags _flags;
+    private bool _blockStatus;
+    private FlowBudget? _budget;
+    private ReplyWriter? _writer;
+
+    private async Task<string> RunTransmissionAsync()
+    {
+        var export = _export!;
+        _budget = new FlowBudget(_options.MaxRequestsInFlight, _options.MaxBytesInFlight);
+        _writer = new ReplyWriter(_transport, ReleaseRequest, OnWriterFault);
+
+        // The handshake's final reply (EXPORT_NAME's) may still be buffered.
+        await FlushOutputAsync(_abort.Token).ConfigureAwait(false);
+
+        // A stopping server stops reading new requests; those already dispatched are still answered below.
+        using var reading = CancellationTokenSource.CreateLinkedTokenSource(_abort.Token, _server.StoppingToken);
+        string reason;
+        try
+        {
+            reason = await ReadRequestsAsync(export.Device, reading.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (_server.StoppingToken.IsCancellationRequested && !_abort.IsCancellationRequested)
+        {
+            reason = "server stopping";
+        }
+        catch (Exception exception) when (IsDisconnect(exception))
+        {
+            reason = _writer.IsFaulted ? "send failed" : "peer disconnected";
+        }
+
+        // Everything already dispatched finishes and is answered (or dropped if the peer is gone) before closing.
+        await _budget.WaitForIdleAsync(_server.AbortToken).ConfigureAwait(false);
+        if (!_writer.IsFaulted)
+        {
+            await _transport.ShutdownSendAsync().ConfigureAwait(false);
+        }
+
+        return reason;
+    }
+
+    private async Task<string> ReadRequestsAsync(BlockDevice device, CancellationToken cancellationToken)
+    {
+        var input = _input;
+        while (true)
+        {
+            if (!await input.EnsureAsync(NbdLimits.RequestHeaderLength, cancellationToken).ConfigureAwait(false))
+            {
+                return "peer closed";
+            }
+
+            if (NbdRequest.TryRead(input.Span, out var request) != ParseStatus.Done)
+            {
+                ServerLog.ProtocolViolation(_logger, Id, Peer, "request does not start with NBD_REQUEST_MAGIC; the stream is out of step");
+                return "bad request magic";
+            }
+
+            input.Consume(NbdLimits.RequestHeaderLength);
+            if (request.Command == NbdCommand.Disconnect)
+            {
+                ServerLog.SoftDisconnect(_logger, Id, Peer, "NBD_CMD_DISC");
+                return "NBD_CMD_DISC";
+            }
+
+            string? reason = null;
+            var error = _server.IsStopping ? NbdError.Shutdown : Validate(request, out reason);
+            if (error != NbdError.None)
+            {
+                if (request.HasPayload)
+                {
+                    if (request.Length > _options.MaxDiscardedPayload)
+                    {
+                        ServerLog.ProtocolViolation(_logger, Id, Peer, $"{request} carries {request.Length} bytes, too many to discard");
+                        return "oversized payload";
+                    }
+
+                    // The refused WRITE's data is still read, so the next header is where it should be.
+                    await input.DiscardAsync(request.Length, cancellationToken).ConfigureAwait(false);
+                }
+
+                if (error != NbdError.Shutdown)
+                {
+                    ServerLog.RequestRefused(_logger, Id, Peer, request, error.ToErrnoName(), reason!);
+                }
+
+                await _budget!.AcquireAsync(0, cancellationToken).ConfigureAwait(false);
+                var refused = RentRequest(request);
+                refused.Fail(error, error == NbdError.Shutdown ? "the server is shutting down" : reason, fromBackend: false);
+                refused.BuildError(_structuredReplies);
+                _writer!.Enqueue(refused);
+                continue;
+            }
+
+            var payloadBytes = request.Command is NbdCommand.Read or NbdCommand.Write ? (int)request.Length : 0;
+            await _budget!.AcquireAsync(payloadBytes, cancellationToken).ConfigureAwait(false);
+            var work = RentRequest(request);
+            work.BudgetBytes = payloadBytes;
+            work.RentPayload(payloadBytes);
+            if (request.Command == NbdCommand.Write)
+            {
+                await input.ReadExactlyAsync(work.PayloadMemory, cancellationToken).ConfigureAwait(false);
+            }
+
+            if (input.Count >= NbdLimits.RequestHeaderLength)
+            {
+                // More requests are already here: let a pool thread run this one while the reader moves on.
+                ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
+            }
+            else
+            {
+                // The last request of a burst runs on the reader: no thread hop, which is what QD1 latency needs.
+                Execute(work);
+            }
+        }
+    }
+
+    /// <summary>
+    /// Checks a request against the negotiated flags and the export, in the order the spec implies: unknown command
+    /// or flag (EINVAL), writes to a read-only export (EPERM), size and alignment (EINVAL), range (ENOSPC for writes,
+    /// EINVAL for the rest).
+    /// </summary>
+    private NbdError Validate(in NbdRequest request, out string? reason)
+    {
+        var command = request.Command;
+        if (command is not (NbdCommand.Read or NbdCommand.Write or NbdCommand.Flush or NbdCommand.Trim or NbdCommand.Cache
+            or NbdCommand.WriteZeroes or NbdCommand.BlockStatus))
+        {
+            reason = $"unknown command {(ushort)command}";
+            return NbdError.InvalidArgument;
+        }
+
+        var allowed = (_flags & TransmissionFlags.SendFua) != 0 ? CommandFlags.Fua : CommandFlags.None;
+        switch (command)
+        {
+            case NbdCommand.Read when (_flags & TransmissionFlags.SendDf) != 0:
+                allowed |= CommandFlags.DontFragment;
+                break;
+            case NbdCommand.WriteZeroes:
+                allowed |= CommandFlags.NoHole;
+                if ((_flags & TransmissionFlags.SendFastZero) != 0)
+                {
+                    allowed |= CommandFlags.FastZero;
+                }
+
+                break;
+            case NbdCommand.BlockStatus:
+                allowed |= CommandFlags.RequestOne;
+                break;
+        }
+
+        if ((request.Flags & ~allowed) != 0)
+        {
+            reason = $"flags {request.Flags & ~allowed} are not valid for {command} on this connection";
+            return NbdError.InvalidArgument;
+        }
+
+        var export = _export!;
+        if (command is NbdCommand.Write or NbdCommand.Trim or NbdCommand.WriteZeroes && export.IsReadOnly)
+        {
+            reason = $"export '{export.Name}' is read-only";
+            return NbdError.NotPermitted;
+        }
+
+        var advertised = command switch
+        {
+            NbdCommand.Flush => TransmissionFlags.SendFlush,
+            NbdCommand.Trim => TransmissionFlags.SendTrim,
+            NbdCommand.WriteZeroes => TransmissionFlags.SendWriteZeroes,
+            NbdCommand.Cache => TransmissionFlags.SendCache,
+            _ => TransmissionFlags.None,
+        };
+        if ((_flags & advertised) != advertised)
+        {
+            reason = $"{command} was not advertised for this export";
+            return NbdError.InvalidArgument;
+        }
+
+        if (command == NbdCommand.BlockStatus && !_blockStatus)
+        {
+            reason = "no metadata context was negotiated for this export";
+            return NbdError.InvalidArgument;
+        }
+
+        if (command == NbdCommand.Flush)
+        {
+            if (request.Offset != 0 || request.Length != 0)
+            {
+                reason = "FLUSH must have offset and length 0";
+                return NbdError.InvalidArgument;
+            }
+
+            reason = null;
+            return NbdError.None;
+        }
+
+        if (command is NbdCommand.Read or NbdCommand.Write or NbdCommand.Cache && request.Length > (uint)_options.MaxPayload)
+        {
+            reason = $"length {request.Length} exceeds the maximum block size {_options.MaxPayload}";
+            return NbdError.InvalidArgument;
+        }
+
+        var minimum = export.BlockSizes.Minimum;
+        if (minimum > 1 && (request.Offset % minimum != 0 || request.Length % minimum != 0))
+        {
+            reason = $"offset {request.Offset} and length {request.Length} must be multiples of the minimum block size {minimum}";
+            return NbdError.InvalidArgument;
+        }
+
+        var size = (ulong)export.Size;
+        if (request.Offset > size || request.Length > size - request.Offset)
+        {
+            reason = $"range {request.Offset}+{request.Length} is beyond the end of the export ({size} bytes)";
+            return command is NbdCommand.Write or NbdCommand.WriteZeroes ? NbdError.NoSpace : NbdError.InvalidArgument;
+        }
+
+        if (command == NbdCommand.BlockStatus && request.Length == 0)
+        {
+            reason = "BLOCK_STATUS needs a non-zero length";
+            return NbdError.InvalidArgument;
+        }
+
+        reason = null;
+        return NbdError.None;
+    }
+
+    /// <summary>Runs a validated request against the backend and queues its reply.</summary>
+    internal void Execute(TransmissionRequest work)
+    {
+        ValueTask operation;
+        try
+        {
+            operation = Start(work);
+        }
+        catch (Exception exception)
+        {
+            Complete(work, exception);
+            return;
+        }
+
+        if (operation.IsCompletedSuccessfully)
+        {
+            Complete(work, null);
+        }
+        else
+        {
+            _ = CompleteAsync(work, operation);
+        }
+    }
+
+    private ValueTask Start(TransmissionRequest work)
+    {
+        var request = work.Header;
+        var device = _export!.Device;
+        var offset = (long)request.Offset;
+        var fua = (request.Flags & CommandFlags.Fua) != 0;
+        var token = _server.AbortToken;
+        switch (request.Command)
+        {
+            case NbdCommand.Read:
+                return request.Length == 0 ? ValueTask.CompletedTask : device.ReadAsync(offset, work.PayloadMemory, token);
+            case NbdCommand.Write:
+                return request.Length == 0 ? ValueTask.CompletedTask : device.WriteAsync(offset, work.PayloadMemory, fua, token);
+            case NbdCommand.Flush:
+                return device.FlushAsync(token);
+            case NbdCommand.Trim:
+                return request.Length == 0 ? ValueTask.CompletedTask : device.TrimAsync(offset, request.Length, fua, token);
+            case NbdCommand.WriteZeroes:
+                if (request.Length == 0)
+                {
+                    return ValueTask.CompletedTask;
+                }
+
+                var zeroFlags = (fua ? ZeroFlags.Fua : ZeroFlags.None) |
+                                ((request.Flags & CommandFlags.NoHole) != 0 ? ZeroFlags.NoHole : ZeroFlags.None) |
+                                ((request.Flags & CommandFlags.FastZero) != 0 ? ZeroFlags.FastOnly : ZeroFlags.None);
+                return device.WriteZeroesAsync(offset, request.Length, zeroFlags, token);
+            case NbdCommand.Cache:
+                return request.Length == 0 ? ValueTask.CompletedTask : device.CacheAsync(offset, request.Length, token);
+            case NbdCommand.BlockStatus:
+                var requestOne = (request.Flags & CommandFlags.RequestOne) != 0;
+                var extents = work.Extents ??= new ExtentList(Math.Min(_options.MaxExtentsPerReply, 64));
+                extents.Clear(requestOne ? 1 : _options.MaxExtentsPerReply);
+                if ((device.Features & BlockDeviceFeatures.Extents) == 0)
+                {
+                    // Status 0 ("allocated or unknown") is always a correct answer.
+                    extents.Add(request.Length, AllocationFlags.Data);
+                    return ValueTask.CompletedTask;
+                }
+
+                return device.GetExtentsAsync(offset, request.Length, extents, token);
+            default:
+                throw new BlockDeviceException(NbdError.InvalidArgument, $"unknown command {request.Command}");
+        }
+    }
+
+    private async Task CompleteAsync(TransmissionRequest work, ValueTask operation)
+    {
+        Exception? failure = null;
+        try
+        {
+            await operation.ConfigureAwait(false);
+        }
+        catch (Exception exception)
+        {
+            failure = exception;
+        }
+
+        Complete(work, failure);
+    }
+
+    private void Complete(TransmissionRequest work, Exception? failure)
+    {
+        var request = work.Header;
+        if (failure is null && request.Command == NbdCommand.BlockStatus && work.Extents!.Count == 0)
+        {
+            failure = new BlockDeviceException(NbdError.IO, "the backend reported no extents");
+        }
+
+        if (failure is not null)
+        {
+            var (error, message) = Classify(failure);
+            ServerLog.RequestFailed(_logger, Id, Peer, request, error.ToErrnoName(), message);
+            work.Fail(error, message, fromBackend: true);
+            work.BuildError(_structuredReplies);
+        }
+        else
+        {
+            switch (request.Command)
+            {
+                case NbdCommand.Read:
+                    work.BuildReadSuccess(_structuredReplies, (request.Flags & CommandFlags.DontFragment) != 0);
+                    break;
+                case NbdCommand.BlockStatus:
+                    work.BuildBlockStatus(AllocationContextId, (request.Flags & CommandFlags.RequestOne) != 0);
+                    break;
+                default:
+                    work.BuildSimpleSuccess();
+                    break;
+            }
+        }
+
+        _writer!.Enqueue(work);
+    }
+
+    private static (NbdError Error, string Message) Classify(Exception exception) => exception switch
+    {
+        BlockDeviceException device => (device.Error, device.Message),
+        OperationCanceledException => (NbdError.Shutdown, "the server is shutting down"),
+        IOException io => (Errno.ToNbdError(io.HResult), io.Message),
+        UnauthorizedAccessException access => (NbdError.NotPermitted, access.Message),
+        _ => (NbdError.IO, $"internal error: {exception.GetType().Name}: {exception.Message}"),
+    };
+
+    private TransmissionRequest RentRequest(in NbdRequest request)
+    {
+        TransmissionRequest? work;
+        lock (_freeLock)
+        {
+            _freeRequests.TryPop(out work);
+        }
+
+        work ??= new TransmissionRequest(this);
+
+        work.Header = request;
+        return work;
+    }
+
+    private void ReleaseRequest(TransmissionRequest work)
+    {
+        var bytes = work.BudgetBytes;
+        work.Reset();
+        lock (_freeLock)
+        {
+            _freeRequests.Push(work);
+        }
+
+        _budget!.Release(bytes);
+    }
+
+    private void OnWriterFault(Exception exception)
+    {
+        if (!IsDisconnect(exception))
+        {
+            ServerLog.ConnectionFailed(_logger, Id, Peer, exception);
+        }
+
+        // Stop the reader too: nothing more can be answered.
+        Abort();
+    }
+}

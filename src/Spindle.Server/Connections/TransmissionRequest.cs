@@ -1,0 +1,302 @@
+using System.Buffers.Binary;
+using Spindle.Protocol;
+using Spindle.Server.Buffers;
+using Spindle.Storage;
+
+namespace Spindle.Server.Connections;
+
+/// <summary>
+/// One request in flight and, once executed, its reply as a list of segments ready for a gathered send. Instances
+/// are pooled per connection and reused, so steady-state serving allocates nothing per request.
+/// </summary>
+internal sealed class TransmissionRequest : IThreadPoolWorkItem
+{
+    private const int InitialReplyCapacity = 512;
+
+    private readonly NbdConnection _connection;
+    private ArraySegment<byte>[] _segments = new ArraySegment<byte>[4];
+    private byte[] _reply = new byte[InitialReplyCapacity];
+    private bool _replyPooled;
+    private int _segmentCount;
+
+    public TransmissionRequest(NbdConnection connection)
+    {
+        _connection = connection;
+    }
+
+    public NbdRequest Header { get; set; }
+
+    /// <summary>WRITE data received, or the buffer a READ fills. Pooled.</summary>
+    public byte[]? Payload { get; private set; }
+
+    public int PayloadLength { get; private set; }
+
+    /// <summary>The payload bytes charged to the connection's <see cref="FlowBudget"/>.</summary>
+    public long BudgetBytes { get; set; }
+
+    public NbdError Error { get; private set; }
+
+    public string? ErrorMessage { get; private set; }
+
+    /// <summary>Set for errors raised by the backend (reported with ERROR_OFFSET) rather than by validation.</summary>
+    public bool IsBackendError { get; private set; }
+
+    /// <summary>Lazily created extent list for BLOCK_STATUS, kept across reuse.</summary>
+    public ExtentList? Extents { get; set; }
+
+    public Memory<byte> PayloadMemory => Payload.AsMemory(0, PayloadLength);
+
+    /// <summary>Total bytes of the built reply.</summary>
+    public long ReplyLength { get; private set; }
+
+    public void Execute() => _connection.Execute(this);
+
+    public void RentPayload(int length)
+    {
+        PayloadLength = length;
+        Payload = length == 0 ? null : BufferPool.Shared.Rent(length);
+    }
+
+    public void Fail(NbdError error, string? message, bool fromBackend)
+    {
+        Error = error;
+        ErrorMessage = message;
+        IsBackendError = fromBackend;
+    }
+
+    /// <summary>Appends the built reply's segments to a gathered send.</summary>
+    public void AppendSegments(List<ArraySegment<byte>> destination)
+    {
+        for (var i = 0; i < _segmentCount; i++)
+        {
+            destination.Add(_segments[i]);
+        }
+    }
+
+    /// <summary>A success with no payload: a 16-byte simple reply (allowed for every command but READ).</summary>
+    public void BuildSimpleSuccess()
+    {
+        ResetReply();
+        var length = SimpleReply.Write(_reply, NbdError.None, Header.Cookie);
+        AddReplySegment(0, length);
+    }
+
+    /// <summary>An error reply: simple, or with structured replies an ERROR (validation) or ERROR_OFFSET (backend) chunk.</summary>
+    public void BuildError(bool structured)
+    {
+        ResetReply();
+        if (!structured)
+        {
+            AddReplySegment(0, SimpleReply.Write(_reply, Error, Header.Cookie));
+            return;
+        }
+
+        var message = ErrorMessage;
+        if (message is not null && message.Length > 1024)
+        {
+            message = message[..1024];
+        }
+
+        var withOffset = IsBackendError && Header.Command is not (NbdCommand.Flush or NbdCommand.Disconnect) && Header.Length > 0;
+        EnsureReplyCapacity(StructuredReplyChunks.ErrorOffsetLength(message));
+        var length = withOffset
+            ? StructuredReplyChunks.WriteErrorOffset(_reply, ReplyFlags.Done, Header.Cookie, Error, message, Header.Offset)
+            : StructuredReplyChunks.WriteError(_reply, ReplyFlags.Done, Header.Cookie, Error, message);
+        AddReplySegment(0, length);
+    }
+
+    /// <summary>A successful READ: the data after a simple reply, or structured chunks.</summary>
+    /// <remarks>
+    /// With structured replies the data is cut into granules aligned to absolute offsets (4 KiB, or coarser for large
+    /// reads so a reply has at most about 64 chunks); runs of all-zero granules go out as OFFSET_HOLE chunks and are
+    /// not sent at all. Random data is recognised at its first non-zero byte, so the check costs next to nothing.
+    /// With DF there is exactly one content chunk: a hole only if everything is zero.
+    /// </remarks>
+    public void BuildReadSuccess(bool structured, bool dontFragment)
+    {
+        ResetReply();
+        var cookie = Header.Cookie;
+        var length = PayloadLength;
+        if (!structured)
+        {
+            AddReplySegment(0, SimpleReply.Write(_reply, NbdError.None, cookie));
+            if (length > 0)
+            {
+                AddSegment(new ArraySegment<byte>(Payload!, 0, length));
+            }
+
+            return;
+        }
+
+        if (length == 0)
+        {
+            AddReplySegment(0, StructuredReplyChunks.WriteNone(_reply, cookie));
+            return;
+        }
+
+        var data = Payload.AsSpan(0, length);
+        if (dontFragment)
+        {
+            if (!data.ContainsAnyExcept((byte)0))
+            {
+                AddReplySegment(0, StructuredReplyChunks.WriteOffsetHole(_reply, ReplyFlags.Done, cookie, Header.Offset, (uint)length));
+            }
+            else
+            {
+                AddReplySegment(0, StructuredReplyChunks.WriteOffsetDataPrefix(_reply, ReplyFlags.Done, cookie, Header.Offset, length));
+                AddSegment(new ArraySegment<byte>(Payload!, 0, length));
+            }
+
+            return;
+        }
+
+        var granule = Math.Max(4096, (int)Math.Min(1 << 30, System.Numerics.BitOperations.RoundUpToPowerOf2((uint)Math.Max(1, length / 64))));
+        var offset = Header.Offset;
+
+        // Walk the runs once to count them, so the chunk headers can be sized and the last one marked DONE.
+        var runs = CountRuns(data, offset, granule);
+        EnsureReplyCapacity(runs * StructuredReplyChunks.OffsetHoleLength);
+        var replyPosition = 0;
+        var position = 0;
+        var run = 0;
+        while (position < length)
+        {
+            var isHole = IsZeroGranule(data, offset, position, granule, out var end);
+            while (end < length && IsZeroGranule(data, offset, end, granule, out var next) == isHole)
+            {
+                end = next;
+            }
+
+            var flags = ++run == runs ? ReplyFlags.Done : ReplyFlags.None;
+            if (isHole)
+            {
+                var written = StructuredReplyChunks.WriteOffsetHole(_reply.AsSpan(replyPosition), flags, cookie, offset + (ulong)position, (uint)(end - position));
+                AddReplySegment(replyPosition, written);
+                replyPosition += written;
+            }
+            else
+            {
+                var written = StructuredReplyChunks.WriteOffsetDataPrefix(_reply.AsSpan(replyPosition), flags, cookie, offset + (ulong)position, end - position);
+                AddReplySegment(replyPosition, written);
+                AddSegment(new ArraySegment<byte>(Payload!, position, end - position));
+                replyPosition += written;
+            }
+
+            position = end;
+        }
+    }
+
+    /// <summary>A BLOCK_STATUS chunk for one context, from the collected extents, clipped to the request.</summary>
+    public void BuildBlockStatus(uint contextId, bool requestOne)
+    {
+        ResetReply();
+        var extents = Extents!.Items;
+        var count = requestOne ? 1 : extents.Length;
+        EnsureReplyCapacity(StructuredReplyChunks.BlockStatusLength(count));
+        var remaining = (long)Header.Length;
+        var used = 0;
+        var position = StructuredReplyChunks.BlockStatusLength(0);
+        for (var i = 0; i < count && remaining > 0; i++)
+        {
+            // Extents never describe more than was asked: the last one is clipped to the request's end.
+            var extentLength = Math.Min(extents[i].Length, remaining);
+            BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position), (uint)extentLength);
+            BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position + 4), (uint)extents[i].Flags);
+            position += 8;
+            remaining -= extentLength;
+            used++;
+        }
+
+        StructuredReplyChunks.WriteBlockStatusHeader(_reply, ReplyFlags.Done, Header.Cookie, contextId, used);
+        AddReplySegment(0, position);
+    }
+
+    /// <summary>Returns pooled buffers and clears the request for reuse.</summary>
+    public void Reset()
+    {
+        if (Payload is not null)
+        {
+            BufferPool.Shared.Return(Payload);
+            Payload = null;
+        }
+
+        PayloadLength = 0;
+        BudgetBytes = 0;
+        Error = NbdError.None;
+        ErrorMessage = null;
+        IsBackendError = false;
+        ResetReply();
+        if (_replyPooled)
+        {
+            BufferPool.Shared.Return(_reply);
+            _reply = new byte[InitialReplyCapacity];
+            _replyPooled = false;
+        }
+
+    }
+
+    private static int CountRuns(ReadOnlySpan<byte> data, ulong offset, int granule)
+    {
+        var runs = 0;
+        var position = 0;
+        var previous = false;
+        while (position < data.Length)
+        {
+            var isHole = IsZeroGranule(data, offset, position, granule, out var end);
+            if (runs == 0 || isHole != previous)
+            {
+                runs++;
+                previous = isHole;
+            }
+
+            position = end;
+        }
+
+        return runs;
+    }
+
+    /// <summary>Whether the granule starting at <paramref name="position"/> (cut at the next aligned boundary) is all zero.</summary>
+    private static bool IsZeroGranule(ReadOnlySpan<byte> data, ulong offset, int position, int granule, out int end)
+    {
+        var absolute = offset + (ulong)position;
+        var toBoundary = granule - (int)(absolute & (ulong)(granule - 1));
+        end = Math.Min(data.Length, position + toBoundary);
+        return !data[position..end].ContainsAnyExcept((byte)0);
+    }
+
+    private void ResetReply()
+    {
+        Array.Clear(_segments, 0, _segmentCount);
+        _segmentCount = 0;
+        ReplyLength = 0;
+    }
+
+    private void EnsureReplyCapacity(int bytes)
+    {
+        if (_reply.Length >= bytes)
+        {
+            return;
+        }
+
+        if (_replyPooled)
+        {
+            BufferPool.Shared.Return(_reply);
+        }
+
+        _reply = BufferPool.Shared.Rent(bytes);
+        _replyPooled = true;
+    }
+
+    private void AddReplySegment(int offset, int count) => AddSegment(new ArraySegment<byte>(_reply, offset, count));
+
+    private void AddSegment(ArraySegment<byte> segment)
+    {
+        if (_segmentCount == _segments.Length)
+        {
+            Array.Resize(ref _segments, _segments.Length * 2);
+        }
+
+        _segments[_segmentCount++] = segment;
+        ReplyLength += segment.Count;
+    }
+}

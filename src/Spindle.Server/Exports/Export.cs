@@ -1,0 +1,149 @@
+using Spindle.Protocol;
+using Spindle.Storage;
+
+namespace Spindle.Server.Exports;
+
+/// <summary>How one export is offered; each default is what a user serving a disk expects.</summary>
+public sealed class ExportOptions
+{
+    /// <summary>The export name clients ask for. The empty name is the default export.</summary>
+    public string Name { get; set; } = string.Empty;
+
+    /// <summary>Shown by LIST and NBD_INFO_DESCRIPTION.</summary>
+    public string? Description { get; set; }
+
+    /// <summary>Refuse writes (EPERM) even if the backend could write. Default: false.</summary>
+    public bool ReadOnly { get; set; }
+
+    /// <summary>Block size constraints to advertise; null means the backend's, else 1 / 4096 / 32 MiB.</summary>
+    public BlockSizeConstraints? BlockSizes { get; set; }
+
+    /// <summary>Advertise NBD_FLAG_ROTATIONAL. Default: false.</summary>
+    public bool Rotational { get; set; }
+
+    /// <summary>Offer FLUSH and FUA when the backend supports them. Default: true.</summary>
+    public bool Flush { get; set; } = true;
+
+    /// <summary>Offer TRIM when the backend supports it. Default: true.</summary>
+    public bool Trim { get; set; } = true;
+
+    /// <summary>Offer WRITE_ZEROES (and FAST_ZERO) when the backend supports it. Default: true.</summary>
+    public bool WriteZeroes { get; set; } = true;
+
+    /// <summary>
+    /// Advertise NBD_FLAG_CAN_MULTI_CONN. Null (the default) follows the backend: on when it has no private cache,
+    /// so a FLUSH on one connection covers writes made on all of them.
+    /// </summary>
+    public bool? MultiConn { get; set; }
+}
+
+/// <summary>An export: a name, a backend and the transmission flags that follow from what the backend can do.</summary>
+public sealed class Export : IAsyncDisposable
+{
+    private readonly TransmissionFlags _flags;
+    private int _connections;
+
+    public Export(ExportOptions options, BlockDevice device)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(device);
+        NbdString.Validate(options.Name, nameof(options));
+        if (options.Description is not null)
+        {
+            NbdString.Validate(options.Description, nameof(options));
+        }
+
+        Options = options;
+        Device = device;
+        BlockSizes = options.BlockSizes ?? device.BlockSizes ?? BlockSizeConstraints.Default;
+        if (!BlockSizes.IsValid(out var problem))
+        {
+            throw new ArgumentException($"export '{options.Name}': {problem}", nameof(options));
+        }
+
+        _flags = ComputeFlags(options, device.Features);
+    }
+
+    public string Name => Options.Name;
+
+    public string Description => Options.Description ?? string.Empty;
+
+    public ExportOptions Options { get; }
+
+    public BlockDevice Device { get; }
+
+    public long Size => Device.Size;
+
+    public BlockSizeConstraints BlockSizes { get; }
+
+    public bool IsReadOnly => (_flags & TransmissionFlags.ReadOnly) != 0;
+
+    /// <summary>Connections currently in transmission on this export.</summary>
+    public int ConnectionCount => Volatile.Read(ref _connections);
+
+    /// <summary>
+    /// The transmission flags for a connection. SEND_DF is only set once structured replies are negotiated
+    /// (proto.md: it "MUST [be left] clear if structured replies have not been negotiated").
+    /// </summary>
+    public TransmissionFlags FlagsFor(bool structuredReplies) =>
+        structuredReplies ? _flags | TransmissionFlags.SendDf : _flags;
+
+    internal void OnConnected() => Interlocked.Increment(ref _connections);
+
+    internal void OnDisconnected() => Interlocked.Decrement(ref _connections);
+
+    public ValueTask DisposeAsync() => Device.DisposeAsync();
+
+    public override string ToString() => $"'{Name}' ({Device.Description}, {Size} bytes{(IsReadOnly ? ", read-only" : "")})";
+
+    private static TransmissionFlags ComputeFlags(ExportOptions options, BlockDeviceFeatures features)
+    {
+        bool Has(BlockDeviceFeatures feature) => (features & feature) != 0;
+
+        var flags = TransmissionFlags.HasFlags;
+        var writable = !options.ReadOnly && Has(BlockDeviceFeatures.Write);
+        if (!writable)
+        {
+            flags |= TransmissionFlags.ReadOnly;
+        }
+
+        if (options.Flush && Has(BlockDeviceFeatures.Flush))
+        {
+            flags |= TransmissionFlags.SendFlush;
+            if (writable && Has(BlockDeviceFeatures.Fua))
+            {
+                flags |= TransmissionFlags.SendFua;
+            }
+        }
+
+        if (options.Rotational || Has(BlockDeviceFeatures.Rotational))
+        {
+            flags |= TransmissionFlags.Rotational;
+        }
+
+        if (writable && options.Trim && Has(BlockDeviceFeatures.Trim))
+        {
+            flags |= TransmissionFlags.SendTrim;
+        }
+
+        if (writable && options.WriteZeroes && Has(BlockDeviceFeatures.WriteZeroes))
+        {
+            flags |= TransmissionFlags.SendWriteZeroes;
+            if (Has(BlockDeviceFeatures.FastZero))
+            {
+                // FAST_ZERO MUST be clear unless WRITE_ZEROES is set.
+                flags |= TransmissionFlags.SendFastZero;
+            }
+        }
+
+        // CACHE never changes semantics; backends without a prefetch simply do nothing.
+        flags |= TransmissionFlags.SendCache;
+
+        if (options.MultiConn ?? Has(BlockDeviceFeatures.SharedCache))
+        {
+            flags |= TransmissionFlags.CanMultiConn;
+        }
+
+        return flags;
+    }
+}

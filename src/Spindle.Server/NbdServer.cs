@@ -1,0 +1,186 @@
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using Spindle.Protocol;
+using Spindle.Server.Connections;
+using Spindle.Server.Exports;
+using Spindle.Server.Logging;
+using Spindle.Server.Transport;
+
+namespace Spindle.Server;
+
+/// <summary>
+/// An NBD server: listeners, the exports they serve, and every live connection. Start it, and stop it gracefully:
+/// no new connections, in-flight requests answered, exports flushed.
+/// </summary>
+public sealed class NbdServer : IAsyncDisposable
+{
+    private readonly List<ConnectionListener> _listeners = [];
+    private readonly ConcurrentDictionary<long, (NbdConnection Connection, Task Task)> _connections = new();
+    private readonly CancellationTokenSource _stopping = new();
+    private readonly CancellationTokenSource _abort = new();
+    private long _nextConnectionId;
+    private int _state; // 0 created, 1 started, 2 stopping, 3 stopped
+
+    public NbdServer(ServerOptions options, ExportCatalog catalog, ILoggerFactory? loggerFactory = null)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(catalog);
+        options.Validate();
+        Options = options;
+        Catalog = catalog;
+        Logger = (loggerFactory ?? NullLoggerFactory.Instance).CreateLogger("Spindle.Server");
+    }
+
+    public ServerOptions Options { get; }
+
+    public ExportCatalog Catalog { get; }
+
+    /// <summary>The endpoints actually bound, port 0 resolved (available after <see cref="Start"/>).</summary>
+    public IReadOnlyList<EndPoint> LocalEndPoints => _listeners.Select(l => l.LocalEndPoint).ToArray();
+
+    /// <summary>Connections currently open, in negotiation or transmission.</summary>
+    public int ConnectionCount => _connections.Count;
+
+    internal ILogger Logger { get; }
+
+    /// <summary>Set when a graceful stop begins: stop reading new requests, close idle handshakes.</summary>
+    internal CancellationToken StoppingToken => _stopping.Token;
+
+    /// <summary>Set when the stop's patience runs out: cut everything still open.</summary>
+    internal CancellationToken AbortToken => _abort.Token;
+
+    internal bool IsStopping => _stopping.IsCancellationRequested;
+
+    /// <summary>Binds every configured endpoint and starts accepting. Throws (and binds nothing) if one cannot be bound.</summary>
+    public void Start()
+    {
+        if (Interlocked.CompareExchange(ref _state, 1, 0) != 0)
+        {
+            throw new InvalidOperationException("the server was already started");
+        }
+
+        var endpoints = Options.Endpoints.Count > 0 ? Options.Endpoints : [ListenEndpoint.AnyAddress()];
+        try
+        {
+            foreach (var endpoint in endpoints)
+            {
+                _listeners.Add(ConnectionListener.Bind(endpoint, this));
+            }
+        }
+        catch
+        {
+            foreach (var listener in _listeners)
+            {
+                listener.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            }
+
+            _listeners.Clear();
+            throw;
+        }
+
+        foreach (var listener in _listeners)
+        {
+            listener.Start();
+        }
+    }
+
+    /// <summary>
+    /// Serves one already-connected transport (an accepted socket, an in-memory stream). Completes when the
+    /// connection ends; never throws for anything the client does.
+    /// </summary>
+    public Task ServeAsync(ConnectionTransport transport)
+    {
+        ArgumentNullException.ThrowIfNull(transport);
+        var id = Interlocked.Increment(ref _nextConnectionId);
+        var connection = new NbdConnection(this, transport, id);
+        if (IsStopping)
+        {
+            connection.Abort();
+            return connection.DisposeAsync().AsTask();
+        }
+
+        var run = Task.Run(connection.RunAsync);
+        _connections[id] = (connection, run);
+        _ = run.ContinueWith(static (_, state) =>
+        {
+            var (server, connectionId) = ((NbdServer, long))state!;
+            server._connections.TryRemove(connectionId, out var _);
+        }, (this, id), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        return run;
+    }
+
+    internal void Accept(Socket socket)
+    {
+        if (_connections.Count >= Options.MaxConnections || IsStopping)
+        {
+            ServerLog.TooManyConnections(Logger, socket.RemoteEndPoint?.ToString() ?? "unix", Options.MaxConnections);
+            socket.Dispose();
+            return;
+        }
+
+        _ = ServeAsync(new SocketTransport(socket));
+    }
+
+    /// <summary>
+    /// Stops gracefully: closes the listeners, lets every connection finish the requests it has in flight (new ones are
+    /// not read), flushes every writable export, and after <see cref="ServerOptions.ShutdownTimeout"/> cuts what is left.
+    /// </summary>
+    public async Task StopAsync()
+    {
+        if (Interlocked.Exchange(ref _state, 2) >= 2)
+        {
+            return;
+        }
+
+        await _stopping.CancelAsync().ConfigureAwait(false);
+        foreach (var listener in _listeners)
+        {
+            await listener.DisposeAsync().ConfigureAwait(false);
+        }
+
+        _listeners.Clear();
+        ServerLog.ShuttingDown(Logger, _connections.Count);
+        var pending = _connections.Values.Select(c => c.Task).ToArray();
+        var all = Task.WhenAll(pending);
+        if (await Task.WhenAny(all, Task.Delay(Options.ShutdownTimeout)).ConfigureAwait(false) != all)
+        {
+            ServerLog.ShutdownTimedOut(Logger, _connections.Count);
+            await _abort.CancelAsync().ConfigureAwait(false);
+            foreach (var (connection, _) in _connections.Values)
+            {
+                connection.Abort();
+            }
+
+            await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(5))).ConfigureAwait(false);
+        }
+
+        foreach (var export in Catalog.Exports)
+        {
+            if (export.IsReadOnly || (export.FlagsFor(false) & TransmissionFlags.SendFlush) == 0)
+            {
+                continue;
+            }
+
+            try
+            {
+                await export.Device.FlushAsync(CancellationToken.None).ConfigureAwait(false);
+            }
+            catch (Exception exception)
+            {
+                ServerLog.ShutdownFlushFailed(Logger, export.Name, exception);
+            }
+        }
+
+        Interlocked.Exchange(ref _state, 3);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await StopAsync().ConfigureAwait(false);
+        _stopping.Dispose();
+        _abort.Dispose();
+    }
+}

@@ -1,0 +1,1 @@
+namespace Spindle.Interop.Tests;

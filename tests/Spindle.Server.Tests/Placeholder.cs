@@ -1,0 +1,1 @@
+namespace Spindle.Server.Tests;
