@@ -12,6 +12,9 @@ namespace Spindle.Server;
 /// </summary>
 internal sealed class ConnectionListener : IAsyncDisposable
 {
+    private const int SolSocket = 1;
+    private const int SoReuseAddr = 2;
+
     private readonly Socket _socket;
     private readonly NbdServer _server;
     private readonly ILogger _logger;
@@ -82,8 +85,10 @@ internal sealed class ConnectionListener : IAsyncDisposable
                 socket.DualMode = true;
             }
 
-            // Rebinding right after a restart must not fail on connections in TIME_WAIT.
-            socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+            // Rebinding right after a restart must not fail on connections in TIME_WAIT: SO_REUSEADDR, set raw,
+            // because .NET's ReuseAddress also sets SO_REUSEPORT on Linux, which would let a second server bind the
+            // same port and silently share the clients.
+            socket.SetRawSocketOption(SolSocket, SoReuseAddr, BitConverter.GetBytes(1));
             socket.Bind(new IPEndPoint(tcp.Address, tcp.Port));
             socket.Listen(512);
             return new ConnectionListener(socket, server, tcp, null);

@@ -437,8 +437,14 @@ public static class SizeParser
             return false;
         }
 
-        var bytes = number * (1L << shift);
-        if (bytes > long.MaxValue || bytes != decimal.Truncate(bytes))
+        var multiplier = 1L << shift;
+        if (number > long.MaxValue / multiplier)
+        {
+            return false;
+        }
+
+        var bytes = number * multiplier;
+        if (bytes != decimal.Truncate(bytes))
         {
             return false;
         }

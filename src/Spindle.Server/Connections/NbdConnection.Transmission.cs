@@ -112,7 +112,16 @@ internal sealed partial class NbdConnection
             work.RentPayload(payloadBytes);
             if (request.Command == NbdCommand.Write)
             {
-                await input.ReadExactlyAsync(work.PayloadMemory, cancellationToken).ConfigureAwait(false);
+                try
+                {
+                    await input.ReadExactlyAsync(work.PayloadMemory, cancellationToken).ConfigureAwait(false);
+                }
+                catch
+                {
+                    // The peer vanished mid-payload: this request never runs, so give back its budget and buffer.
+                    ReleaseRequest(work);
+                    throw;
+                }
             }
 
             if (input.Count >= NbdLimits.RequestHeaderLength)
