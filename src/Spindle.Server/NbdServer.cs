@@ -102,7 +102,7 @@ public sealed class NbdServer : IAsyncDisposable
             return connection.DisposeAsync().AsTask();
         }
 
-        var run = Task.Run(connection.RunAsync);
+        var run = transport.IsBlocking ? RunOnDedicatedThread(connection) : Task.Run(connection.RunAsync);
         _connections[id] = (connection, run);
         _ = run.ContinueWith(static (_, state) =>
         {
@@ -110,6 +110,23 @@ public sealed class NbdServer : IAsyncDisposable
             server._connections.TryRemove(connectionId, out var _);
         }, (this, id), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         return run;
+    }
+
+    /// <summary>A connection on a blocking socket gets its own thread, so its blocking reads never hold up the pool.</summary>
+    private static Task RunOnDedicatedThread(NbdConnection connection)
+    {
+        var completion = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var thread = new Thread(() =>
+        {
+            connection.RunAsync().GetAwaiter().GetResult();
+            completion.SetResult();
+        })
+        {
+            IsBackground = true,
+            Name = $"nbd-connection-{connection.Id}",
+        };
+        thread.Start();
+        return completion.Task;
     }
 
     internal void Accept(Socket socket)
@@ -121,7 +138,7 @@ public sealed class NbdServer : IAsyncDisposable
             return;
         }
 
-        _ = ServeAsync(new SocketTransport(socket));
+        _ = ServeAsync(new SocketTransport(socket, blocking: Options.BlockingSockets));
     }
 
     /// <summary>

@@ -72,6 +72,13 @@ public sealed class ServerOptions
     /// <summary>The most extents one BLOCK_STATUS reply describes (the client asks again for the rest). Default: 65536.</summary>
     public int MaxExtentsPerReply { get; set; } = 65536;
 
+    /// <summary>
+    /// Serve sockets with blocking system calls on a thread per connection (default: true). Each message then costs
+    /// one wake-up instead of an epoll event and a thread-pool hop, which is what low latency needs; false uses .NET's
+    /// asynchronous sockets (fewer threads for very many idle connections).
+    /// </summary>
+    public bool BlockingSockets { get; set; } = true;
+
     /// <summary>Simultaneous connections across all exports; more are refused at once. Default: 1024.</summary>
     public int MaxConnections { get; set; } = 1024;
 

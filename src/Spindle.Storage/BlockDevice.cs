@@ -94,6 +94,19 @@ public abstract class BlockDevice : IAsyncDisposable
     public virtual ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken) =>
         throw Unsupported("WRITE");
 
+    /// <summary>
+    /// Reads only if it can be done at once without waiting for a device (for a file: the bytes are in the page
+    /// cache). The server calls this on the connection's own thread and falls back to <see cref="ReadAsync"/> on a
+    /// pool thread when it returns false, so a slow read never holds up the connection. Default: false.
+    /// </summary>
+    public virtual bool TryReadImmediate(long offset, Span<byte> destination) => false;
+
+    /// <summary>
+    /// Writes only if it can be done at once without waiting for a device (a buffered write that will not block).
+    /// Never called for FUA writes. Returning false sends the write through <see cref="WriteAsync"/>. Default: false.
+    /// </summary>
+    public virtual bool TryWriteImmediate(long offset, ReadOnlySpan<byte> source) => false;
+
     /// <summary>Makes every completed write durable.</summary>
     public virtual ValueTask FlushAsync(CancellationToken cancellationToken) => throw Unsupported("FLUSH");
 

@@ -5,9 +5,10 @@ using Spindle.Storage.Native;
 namespace Spindle.Storage;
 
 /// <summary>
-/// A regular file or a block device, read and written with positional I/O (pread/pwrite). TRIM punches holes,
-/// WRITE_ZEROES uses fallocate (punch hole or zero range, falling back to writing zeroes), FLUSH is fdatasync,
-/// FUA writes go through a second O_SYNC handle, and allocation comes from SEEK_DATA/SEEK_HOLE.
+/// A regular file or a block device, read and written with positional I/O (pread/pwrite). Reads of cached data
+/// are served at once (preadv2 RWF_NOWAIT), TRIM punches holes, WRITE_ZEROES uses fallocate (punch hole or zero
+/// range, falling back to writing zeroes), FLUSH is fdatasync, FUA writes use pwritev2(RWF_DSYNC), and allocation
+/// comes from SEEK_DATA/SEEK_HOLE.
 /// </summary>
 /// <remarks>
 /// There is no cache above the kernel's page cache, which every handle to the file shares, so a FLUSH on one
@@ -22,6 +23,8 @@ public sealed class FileBlockDevice : BlockDevice
     private readonly bool _readOnly;
     private readonly bool _isBlockDevice;
     private SafeFileHandle? _syncHandle;
+    private volatile bool _nowaitUnsupported;
+    private volatile bool _dsyncUnsupported;
     private volatile bool _punchHoleUnsupported;
     private volatile bool _zeroRangeUnsupported;
     private volatile bool _seekDataUnsupported;
@@ -134,20 +137,102 @@ public sealed class FileBlockDevice : BlockDevice
         return ValueTask.CompletedTask;
     }
 
+    /// <summary>
+    /// A read served from the page cache with preadv2(RWF_NOWAIT): it fails with EAGAIN instead of waiting for the
+    /// disk, and the server then reads on a pool thread instead.
+    /// </summary>
+    public override bool TryReadImmediate(long offset, Span<byte> destination)
+    {
+        if (_nowaitUnsupported)
+        {
+            return false;
+        }
+
+        var read = LinuxFile.Read(_handle, destination, offset, LinuxFile.RwfNowait);
+        if (read == destination.Length)
+        {
+            return true;
+        }
+
+        if (read == -LinuxFile.EOPNOTSUPP || read == -LinuxFile.EINVAL)
+        {
+            _nowaitUnsupported = true;
+        }
+
+        // EAGAIN (not cached), a short read (partly cached, or past a shrunken EOF) or an error: take the slow path,
+        // which reads everything again and reports errors properly.
+        return false;
+    }
+
+    /// <summary>
+    /// A buffered write lands in the page cache and only waits for the disk under dirty-page throttling, which is
+    /// backpressure the connection should feel anyway, so it runs at once. (RWF_NOWAIT for buffered writes is not
+    /// supported on common file systems.)
+    /// </summary>
+    public override bool TryWriteImmediate(long offset, ReadOnlySpan<byte> source)
+    {
+        EnsureWritable();
+        Write(_handle, source, offset);
+        return true;
+    }
+
     public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken)
     {
         EnsureWritable();
-        var handle = fua ? SyncHandle() : _handle;
+        if (!fua)
+        {
+            Write(_handle, source.Span, offset);
+        }
+        else if (!_dsyncUnsupported && WriteDsync(source.Span, offset))
+        {
+            // pwritev2(RWF_DSYNC): durable when it returns, like a FUA write, and without flushing the whole file.
+        }
+        else
+        {
+            Write(SyncHandle(), source.Span, offset);
+        }
+
+        return ValueTask.CompletedTask;
+    }
+
+    private bool WriteDsync(ReadOnlySpan<byte> source, long offset)
+    {
+        var done = 0;
+        while (done < source.Length)
+        {
+            var written = LinuxFile.Write(_handle, source[done..], offset + done, LinuxFile.RwfDsync);
+            if (written == -LinuxFile.EOPNOTSUPP || (written == -LinuxFile.EINVAL && done == 0))
+            {
+                _dsyncUnsupported = true;
+                return false;
+            }
+
+            if (written == -LinuxFile.EINTR)
+            {
+                continue;
+            }
+
+            if (written <= 0)
+            {
+                throw Failure((int)-written, "write", offset + done);
+            }
+
+            done += (int)written;
+        }
+
+        return true;
+    }
+
+    private void Write(SafeFileHandle handle, ReadOnlySpan<byte> source, long offset)
+    {
         try
         {
-            RandomAccess.Write(handle, source.Span, offset);
+            RandomAccess.Write(handle, source, offset);
         }
         catch (Exception exception) when (exception is IOException or UnauthorizedAccessException)
         {
             throw Failure(exception, "write", offset);
         }
-
-        return ValueTask.CompletedTask;
     }
 
     public override ValueTask FlushAsync(CancellationToken cancellationToken)
@@ -329,8 +414,8 @@ public sealed class FileBlockDevice : BlockDevice
             return handle;
         }
 
-        // O_SYNC: each write through this handle is durable when pwrite returns, which is exactly FUA and, unlike
-        // write-then-fdatasync, does not wait for every other dirty page of the file.
+        // Fallback when RWF_DSYNC is unavailable. O_SYNC: each write through this handle is durable when pwrite
+        // returns, which is exactly FUA and, unlike write-then-fdatasync, does not wait for every other dirty page.
         var opened = File.OpenHandle(_path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete, FileOptions.WriteThrough);
         var existing = Interlocked.CompareExchange(ref _syncHandle, opened, null);
         if (existing is not null)

@@ -62,7 +62,12 @@ public sealed class MemoryBlockDevice : BlockDevice
 
     public override ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken)
     {
-        var span = destination.Span;
+        Read(offset, destination.Span);
+        return ValueTask.CompletedTask;
+    }
+
+    private void Read(long offset, Span<byte> span)
+    {
         var position = offset;
         var done = 0;
         while (done < span.Length)
@@ -84,13 +89,30 @@ public sealed class MemoryBlockDevice : BlockDevice
             position += count;
         }
 
-        return ValueTask.CompletedTask;
+    }
+
+    public override bool TryReadImmediate(long offset, Span<byte> destination)
+    {
+        Read(offset, destination);
+        return true;
+    }
+
+    public override bool TryWriteImmediate(long offset, ReadOnlySpan<byte> source)
+    {
+        EnsureWritable();
+        Write(offset, source);
+        return true;
     }
 
     public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken)
     {
         EnsureWritable();
-        var span = source.Span;
+        Write(offset, source.Span);
+        return ValueTask.CompletedTask;
+    }
+
+    private void Write(long offset, ReadOnlySpan<byte> span)
+    {
         var position = offset;
         var done = 0;
         while (done < span.Length)
@@ -126,7 +148,6 @@ public sealed class MemoryBlockDevice : BlockDevice
             position += count;
         }
 
-        return ValueTask.CompletedTask;
     }
 
     public override ValueTask FlushAsync(CancellationToken cancellationToken) => ValueTask.CompletedTask;

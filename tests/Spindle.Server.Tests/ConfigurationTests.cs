@@ -69,6 +69,14 @@ public sealed class ConfigurationTests
         Assert.Equal([new ListenEndpoint.Unix("/run/nbd.sock"), new ListenEndpoint.Tcp(IPAddress.IPv6Any, NbdLimits.DefaultPort)], dual.Server.Endpoints);
     }
 
+    [Fact]
+    public void Nbd_server_default_listenaddr_binds_one_dual_stack_socket()
+    {
+        var configuration = IniConfigurationReader.Parse("[generic]\nlistenaddr = ::, 0.0.0.0\nport = 9999\n[d]\nexportname = /x\n");
+        configuration.ResolveEndpoints();
+        Assert.Equal([new ListenEndpoint.Tcp(IPAddress.IPv6Any, 9999)], configuration.Server.Endpoints);
+    }
+
     [Theory]
     [InlineData("[generic]\nbogus = 1\n", "unknown [generic] key 'bogus'", 2)]
     [InlineData("[d]\nexportname = /x\ncopyonwrite = true\n", "'copyonwrite' is not supported", 3)]

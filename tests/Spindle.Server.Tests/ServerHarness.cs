@@ -16,9 +16,15 @@ internal sealed class ServerHarness : IAsyncDisposable
 
     private readonly List<Task> _connections = [];
 
-    public ServerHarness(Action<ServerOptions>? configure = null, Action<ExportCatalog>? addExports = null)
+    public ServerHarness(Action<ServerOptions>? configure = null, Action<ExportCatalog>? addExports = null, bool sockets = false)
     {
+        UsesSockets = sockets;
         Options = new ServerOptions { ShutdownTimeout = TimeSpan.FromSeconds(5) };
+        if (sockets)
+        {
+            Options.Endpoints.Add(new ListenEndpoint.Tcp(System.Net.IPAddress.Loopback, 0));
+        }
+
         configure?.Invoke(Options);
         Memory = new MemoryBlockDevice(MemorySize);
         ReadOnlyDevice = new MemoryBlockDevice(1024 * 1024);
@@ -28,7 +34,20 @@ internal sealed class ServerHarness : IAsyncDisposable
         Catalog.Add(new Export(new ExportOptions { Name = "ro", ReadOnly = true }, ReadOnlyDevice));
         addExports?.Invoke(Catalog);
         Server = new NbdServer(Options, Catalog, Logs);
+        if (sockets)
+        {
+            Server.Start();
+        }
     }
+
+    /// <summary>
+    /// True: clients connect over loopback TCP (blocking sockets, a thread per connection, sendmsg); false: over
+    /// in-memory streams (the asynchronous path).
+    /// </summary>
+    public bool UsesSockets { get; }
+
+    /// <summary>How log lines name this harness's clients.</summary>
+    public string PeerName => UsesSockets ? "127.0.0.1" : "memory-peer";
 
     public ServerOptions Options { get; }
 
@@ -42,9 +61,15 @@ internal sealed class ServerHarness : IAsyncDisposable
 
     public NbdServer Server { get; }
 
-    /// <summary>A raw client connected over memory; the handshake has not started.</summary>
+    /// <summary>A raw client connected over memory or TCP; the handshake has not started.</summary>
     public RawNbdClient Connect()
     {
+        if (UsesSockets)
+        {
+            var endpoint = (System.Net.IPEndPoint)Server.LocalEndPoints[0];
+            return RawNbdClient.ConnectAsync(endpoint).GetAwaiter().GetResult();
+        }
+
         var (client, server) = InMemoryDuplex.CreatePair();
         lock (_connections)
         {

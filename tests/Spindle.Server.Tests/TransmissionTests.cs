@@ -28,10 +28,12 @@ public sealed class TransmissionTests
         Assert.Equal(data, read);
     }
 
-    [Fact]
-    public async Task Structured_read_of_a_hole_sends_hole_chunks_not_zeroes()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Structured_read_of_a_hole_sends_hole_chunks_not_zeroes(bool sockets)
     {
-        await using var harness = new ServerHarness();
+        await using var harness = new ServerHarness(sockets: sockets);
         var (client, _, _) = await harness.OpenAsync();
         await using var _1 = client;
         var data = Patterns.Generate(65536, 4096);
@@ -175,7 +177,7 @@ public sealed class TransmissionTests
         // The stream is still in step and the data is untouched.
         await client.SendRequestAsync(NbdCommand.Read, 2, 0, 4096);
         Assert.Equal(Patterns.Generate(0, 4096), RawNbdClient.Reassemble(await client.ReadStructuredReplyAsync(2), 0, 4096));
-        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), "memory-peer", "EPERM");
+        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), harness.PeerName, "EPERM");
     }
 
     [Theory]
@@ -247,10 +249,12 @@ public sealed class TransmissionTests
         Assert.Equal(NbdError.InvalidArgument, reply.ChunkError);
     }
 
-    [Fact]
-    public async Task Requests_over_the_maximum_payload_are_refused_and_their_payload_consumed()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Requests_over_the_maximum_payload_are_refused_and_their_payload_consumed(bool sockets)
     {
-        await using var harness = new ServerHarness();
+        await using var harness = new ServerHarness(sockets: sockets);
         var (client, _, _) = await harness.OpenAsync();
         await using var _1 = client;
         const uint tooBig = NbdLimits.DefaultMaxPayload + 4096;
@@ -279,7 +283,7 @@ public sealed class TransmissionTests
         await using var _1 = client;
         await client.SendRequestAsync(NbdCommand.Write, 1, 0, 0x7fffffff);
         Assert.True(await client.WaitForCloseAsync());
-        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), "memory-peer", "too many to discard");
+        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), harness.PeerName, "too many to discard");
     }
 
     [Theory]
@@ -336,10 +340,12 @@ public sealed class TransmissionTests
         Assert.Equal(NbdError.None, (await client.ReadStructuredReplyAsync(3))[^1].AnyError);
     }
 
-    [Fact]
-    public async Task Backend_errors_are_reported_with_an_offset_and_the_message()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Backend_errors_are_reported_with_an_offset_and_the_message(bool sockets)
     {
-        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "bad" }, new FailingBlockDevice(1024 * 1024, NbdError.IO))));
+        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "bad" }, new FailingBlockDevice(1024 * 1024, NbdError.IO))), sockets: sockets);
         var (client, _, _) = await harness.OpenAsync("bad");
         await using var _1 = client;
         await client.SendRequestAsync(NbdCommand.Read, 1, 8192, 4096);
@@ -357,7 +363,7 @@ public sealed class TransmissionTests
 
         await client.SendRequestAsync(NbdCommand.BlockStatus, 3, 0, 4096);
         Assert.Equal(NbdError.IO, (await client.ReadReplyAsync()).AnyError);
-        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), "memory-peer", "EIO");
+        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), harness.PeerName, "EIO");
     }
 
     [Fact]
@@ -374,11 +380,13 @@ public sealed class TransmissionTests
         Assert.Equal(NbdError.NoSpace, (await client.ReadReplyAsync()).Error);
     }
 
-    [Fact]
-    public async Task Requests_run_in_parallel_and_replies_come_out_of_order()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Requests_run_in_parallel_and_replies_come_out_of_order(bool sockets)
     {
         var gated = new GatedBlockDevice(1024 * 1024) { GatedFrom = 512 * 1024 };
-        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)));
+        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)), sockets: sockets);
         var (client, _, _) = await harness.OpenAsync("gated");
         await using var _1 = client;
 
@@ -394,13 +402,15 @@ public sealed class TransmissionTests
         Assert.Equal([100ul, 101ul], rest.Order());
     }
 
-    [Fact]
-    public async Task Requests_in_flight_are_bounded_and_the_rest_wait_for_room()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Requests_in_flight_are_bounded_and_the_rest_wait_for_room(bool sockets)
     {
         var gated = new GatedBlockDevice(1024 * 1024);
         await using var harness = new ServerHarness(
             options => options.MaxRequestsInFlight = 4,
-            c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)));
+            c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)), sockets: sockets);
         var (client, _, _) = await harness.OpenAsync("gated");
         await using var _1 = client;
         for (var i = 0; i < 20; i++)
@@ -424,13 +434,15 @@ public sealed class TransmissionTests
         Assert.Equal(4, gated.MaxReadsWaiting);
     }
 
-    [Fact]
-    public async Task Payload_bytes_in_flight_are_bounded()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Payload_bytes_in_flight_are_bounded(bool sockets)
     {
         var gated = new GatedBlockDevice(8 * 1024 * 1024);
         await using var harness = new ServerHarness(
             options => options.MaxBytesInFlight = 1024 * 1024,
-            c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)));
+            c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)), sockets: sockets);
         var (client, _, _) = await harness.OpenAsync("gated");
         await using var _1 = client;
         for (var i = 0; i < 8; i++)
@@ -455,10 +467,12 @@ public sealed class TransmissionTests
         Assert.Equal(8, cookies.Count);
     }
 
-    [Fact]
-    public async Task Many_requests_in_flight_all_get_their_own_reply()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Many_requests_in_flight_all_get_their_own_reply(bool sockets)
     {
-        await using var harness = new ServerHarness();
+        await using var harness = new ServerHarness(sockets: sockets);
         var (client, _, _) = await harness.OpenAsync();
         await using var _1 = client;
         const int count = 500;
@@ -486,11 +500,13 @@ public sealed class TransmissionTests
         Assert.Equal(Patterns.Generate(0, count * 4096, seed: 7), check);
     }
 
-    [Fact]
-    public async Task Disconnect_answers_what_is_in_flight_then_closes()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Disconnect_answers_what_is_in_flight_then_closes(bool sockets)
     {
         var gated = new GatedBlockDevice(1024 * 1024);
-        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)));
+        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)), sockets: sockets);
         var (client, _, _) = await harness.OpenAsync("gated");
         await using var _1 = client;
         await client.SendRequestAsync(NbdCommand.Read, 7, 0, 4096);
@@ -503,10 +519,12 @@ public sealed class TransmissionTests
         Assert.True(await client.WaitForCloseAsync());
     }
 
-    [Fact]
-    public async Task A_bad_request_magic_closes_only_that_connection()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task A_bad_request_magic_closes_only_that_connection(bool sockets)
     {
-        await using var harness = new ServerHarness();
+        await using var harness = new ServerHarness(sockets: sockets);
         var (other, _, _) = await harness.OpenAsync();
         await using var _2 = other;
         var (client, _, _) = await harness.OpenAsync();
@@ -517,14 +535,16 @@ public sealed class TransmissionTests
         }
 
         await AssertStillServesAsync(other);
-        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), "memory-peer", "out of step");
+        await harness.Logs.WaitForAsync(TimeSpan.FromSeconds(5), harness.PeerName, "out of step");
     }
 
-    [Fact]
-    public async Task Graceful_stop_finishes_in_flight_requests_flushes_and_closes()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Graceful_stop_finishes_in_flight_requests_flushes_and_closes(bool sockets)
     {
         var gated = new GatedBlockDevice(1024 * 1024);
-        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)));
+        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "gated" }, gated)), sockets: sockets);
         var (client, _, _) = await harness.OpenAsync("gated");
         await using var _1 = client;
         await client.SendRequestAsync(NbdCommand.Write, 1, 0, 4096, CommandFlags.None, Patterns.Generate(0, 4096));
@@ -543,10 +563,12 @@ public sealed class TransmissionTests
         Assert.True(gated.Flushes >= 1);
     }
 
-    [Fact]
-    public async Task Many_connections_at_once_see_one_disk()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Many_connections_at_once_see_one_disk(bool sockets)
     {
-        await using var harness = new ServerHarness();
+        await using var harness = new ServerHarness(sockets: sockets);
         var clients = new List<RawNbdClient>();
         for (var i = 0; i < 16; i++)
         {

@@ -65,8 +65,16 @@ public sealed class ServerConfiguration
         }
 
         var port = Port ?? NbdLimits.DefaultPort;
-        foreach (var address in ListenAddresses ?? [IPAddress.IPv6Any])
+        var addresses = ListenAddresses ?? [IPAddress.IPv6Any];
+        foreach (var address in addresses.Distinct())
         {
+            // nbd-server's usual "::, 0.0.0.0": the dual-stack [::] socket already takes IPv4, and a second bind of
+            // 0.0.0.0 on the same port would fail.
+            if (address.Equals(IPAddress.Any) && addresses.Contains(IPAddress.IPv6Any))
+            {
+                continue;
+            }
+
             Server.Endpoints.Add(new ListenEndpoint.Tcp(address, port));
         }
     }

@@ -1,5 +1,3 @@
-using System.Threading.Tasks.Sources;
-
 namespace Spindle.Server.Connections;
 
 /// <summary>
@@ -8,12 +6,13 @@ namespace Spindle.Server.Connections;
 /// TCP backpressure instead of growing the server's memory. A single request bigger than the byte bound is
 /// admitted when nothing else is in flight, so every legal request can make progress.
 /// </summary>
-internal sealed class FlowBudget : IValueTaskSource
+/// <remarks>Only the connection's reader acquires, so there is at most one waiter; releases come from any thread.</remarks>
+internal sealed class FlowBudget : IDisposable
 {
     private readonly int _maxRequests;
     private readonly long _maxBytes;
     private readonly Lock _lock = new();
-    private ManualResetValueTaskSourceCore<bool> _waiter;
+    private readonly SemaphoreSlim _released = new(0);
     private bool _waiting;
     private int _requests;
     private long _bytes;
@@ -22,24 +21,35 @@ internal sealed class FlowBudget : IValueTaskSource
     {
         _maxRequests = maxRequests;
         _maxBytes = maxBytes;
-        _waiter.RunContinuationsAsynchronously = true;
     }
 
     public int Requests => Volatile.Read(ref _requests);
 
-    /// <summary>Takes room for one request of <paramref name="bytes"/> payload bytes, waiting for it if needed.</summary>
-    /// <remarks>Only the connection's reader calls this, so there is at most one waiter.</remarks>
-    public ValueTask AcquireAsync(long bytes, CancellationToken cancellationToken)
+    /// <summary>Takes room for one request of <paramref name="bytes"/> payload bytes if there is some now.</summary>
+    public bool TryAcquire(long bytes)
     {
         lock (_lock)
         {
-            if (TryTake(bytes))
-            {
-                return ValueTask.CompletedTask;
-            }
+            return TryTake(bytes);
         }
+    }
 
-        return AcquireSlowAsync(bytes, cancellationToken);
+    /// <summary>Takes room, blocking the calling thread until there is some (blocking transports).</summary>
+    public void Acquire(long bytes, CancellationToken cancellationToken)
+    {
+        while (!TryAcquireOrArm(bytes))
+        {
+            _released.Wait(cancellationToken);
+        }
+    }
+
+    /// <summary>Takes room, waiting asynchronously until there is some.</summary>
+    public async ValueTask AcquireAsync(long bytes, CancellationToken cancellationToken)
+    {
+        while (!TryAcquireOrArm(bytes))
+        {
+            await _released.WaitAsync(cancellationToken).ConfigureAwait(false);
+        }
     }
 
     public void Release(long bytes)
@@ -51,17 +61,16 @@ internal sealed class FlowBudget : IValueTaskSource
             if (_waiting)
             {
                 _waiting = false;
-                _waiter.SetResult(true);
+                _released.Release();
             }
         }
     }
 
-    /// <summary>Waits until no request is in flight.</summary>
-    public async ValueTask WaitForIdleAsync(CancellationToken cancellationToken)
+    /// <summary>Waits until no request is in flight (blocking the caller if <paramref name="block"/>).</summary>
+    public async ValueTask WaitForIdleAsync(bool block, CancellationToken cancellationToken)
     {
         while (true)
         {
-            ValueTask wait;
             lock (_lock)
             {
                 if (_requests == 0)
@@ -69,29 +78,33 @@ internal sealed class FlowBudget : IValueTaskSource
                     return;
                 }
 
-                wait = Arm();
+                _waiting = true;
             }
 
-            await WaitCancellableAsync(wait, cancellationToken).ConfigureAwait(false);
+            if (block)
+            {
+                _released.Wait(cancellationToken);
+            }
+            else
+            {
+                await _released.WaitAsync(cancellationToken).ConfigureAwait(false);
+            }
         }
     }
 
-    private async ValueTask AcquireSlowAsync(long bytes, CancellationToken cancellationToken)
-    {
-        while (true)
-        {
-            ValueTask wait;
-            lock (_lock)
-            {
-                if (TryTake(bytes))
-                {
-                    return;
-                }
+    public void Dispose() => _released.Dispose();
 
-                wait = Arm();
+    private bool TryAcquireOrArm(long bytes)
+    {
+        lock (_lock)
+        {
+            if (TryTake(bytes))
+            {
+                return true;
             }
 
-            await WaitCancellableAsync(wait, cancellationToken).ConfigureAwait(false);
+            _waiting = true;
+            return false;
         }
     }
 
@@ -106,41 +119,4 @@ internal sealed class FlowBudget : IValueTaskSource
         _bytes += bytes;
         return true;
     }
-
-    private ValueTask Arm()
-    {
-        _waiter.Reset();
-        _waiting = true;
-        return new ValueTask(this, _waiter.Version);
-    }
-
-    private async ValueTask WaitCancellableAsync(ValueTask wait, CancellationToken cancellationToken)
-    {
-        if (!cancellationToken.CanBeCanceled)
-        {
-            await wait.ConfigureAwait(false);
-            return;
-        }
-
-        await using var registration = cancellationToken.UnsafeRegister(static state =>
-        {
-            var budget = (FlowBudget)state!;
-            lock (budget._lock)
-            {
-                if (budget._waiting)
-                {
-                    budget._waiting = false;
-                    budget._waiter.SetException(new OperationCanceledException());
-                }
-            }
-        }, this).ConfigureAwait(false);
-        await wait.ConfigureAwait(false);
-    }
-
-    void IValueTaskSource.GetResult(short token) => _waiter.GetResult(token);
-
-    ValueTaskSourceStatus IValueTaskSource.GetStatus(short token) => _waiter.GetStatus(token);
-
-    void IValueTaskSource.OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
-        _waiter.OnCompleted(continuation, state, token, flags);
 }

@@ -5,6 +5,7 @@ using Spindle.Protocol;
 using Spindle.Server.Buffers;
 using Spindle.Server.Exports;
 using Spindle.Server.Logging;
+using Spindle.Server.Transport;
 
 namespace Spindle.Server.Connections;
 
@@ -39,18 +40,21 @@ internal sealed partial class NbdConnection
     {
         using var timeout = new CancellationTokenSource(_options.HandshakeTimeout);
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, _abort.Token, _server.StoppingToken);
+
+        // A blocking receive does not see tokens: at the deadline (or when the server stops) the connection is cut,
+        // which fails the receive. Nothing is in flight during negotiation, so cutting it loses nothing.
+        using var cut = _transport.IsBlocking ? linked.Token.UnsafeRegister(static state => ((ConnectionTransport)state!).Abort(), _transport) : default;
         try
         {
             return await NegotiateAsync(linked.Token).ConfigureAwait(false);
         }
-        catch (OperationCanceledException) when (timeout.IsCancellationRequested)
+        catch (Exception exception) when (timeout.IsCancellationRequested && IsDisconnect(exception))
         {
             ServerLog.HandshakeTimedOut(_logger, Id, Peer, _options.HandshakeTimeout.TotalSeconds);
             return NegotiationOutcome.TimedOut;
         }
-        catch (OperationCanceledException) when (_server.StoppingToken.IsCancellationRequested)
+        catch (Exception exception) when (_server.StoppingToken.IsCancellationRequested && IsDisconnect(exception))
         {
-            // Nothing is in flight during negotiation, so a stopping server simply closes idle handshakes.
             return NegotiationOutcome.Shutdown;
         }
     }

@@ -1,5 +1,6 @@
 using Spindle.Protocol;
 using Spindle.Server.Logging;
+using Spindle.Server.Transport;
 using Spindle.Storage;
 
 namespace Spindle.Server.Connections;
@@ -21,48 +22,69 @@ internal sealed partial class NbdConnection
     private async Task<string> RunTransmissionAsync()
     {
         var export = _export!;
+        var blocking = _transport.IsBlocking;
         _budget = new FlowBudget(_options.MaxRequestsInFlight, _options.MaxBytesInFlight);
         _writer = new ReplyWriter(_transport, ReleaseRequest, OnWriterFault);
 
         // The handshake's final reply (EXPORT_NAME's) may still be buffered.
         await FlushOutputAsync(_abort.Token).ConfigureAwait(false);
 
-        // A stopping server stops reading new requests; those already dispatched are still answered below.
+        // A stopping server stops reading new requests; those already dispatched are still answered below. A blocking
+        // receive does not see tokens, so it is woken by shutting the socket's receive side instead.
         using var reading = CancellationTokenSource.CreateLinkedTokenSource(_abort.Token, _server.StoppingToken);
+        using var wake = blocking ? reading.Token.UnsafeRegister(static state => ((ConnectionTransport)state!).CancelReceive(), _transport) : default;
         string reason;
         try
         {
-            reason = await ReadRequestsAsync(export.Device, reading.Token).ConfigureAwait(false);
-        }
-        catch (OperationCanceledException) when (_server.StoppingToken.IsCancellationRequested && !_abort.IsCancellationRequested)
-        {
-            reason = "server stopping";
+            reason = await ReadRequestsAsync(export.Device, blocking, reading.Token).ConfigureAwait(false);
         }
         catch (Exception exception) when (IsDisconnect(exception))
         {
             reason = _writer.IsFaulted ? "send failed" : "peer disconnected";
         }
+        finally
+        {
+            _writer.Release();
+        }
+
+        if (_server.StoppingToken.IsCancellationRequested && !_abort.IsCancellationRequested)
+        {
+            reason = "server stopping";
+        }
 
         // Everything already dispatched finishes and is answered (or dropped if the peer is gone) before closing.
-        await _budget.WaitForIdleAsync(_server.AbortToken).ConfigureAwait(false);
+        await _budget.WaitForIdleAsync(blocking, _server.AbortToken).ConfigureAwait(false);
         if (!_writer.IsFaulted)
         {
             await _transport.ShutdownSendAsync().ConfigureAwait(false);
         }
 
+        _budget.Dispose();
         return reason;
     }
 
-    private async Task<string> ReadRequestsAsync(BlockDevice device, CancellationToken cancellationToken)
+    /// <summary>
+    /// The reader: parses every request already received, runs those the backend can do at once on this thread and
+    /// hands the rest to the pool, and sends the burst's replies together before it waits for more.
+    /// </summary>
+    private async Task<string> ReadRequestsAsync(BlockDevice device, bool blocking, CancellationToken cancellationToken)
     {
         var input = _input;
+        var writer = _writer!;
+        var budget = _budget!;
         while (true)
         {
-            if (!await input.EnsureAsync(NbdLimits.RequestHeaderLength, cancellationToken).ConfigureAwait(false))
+            if (input.Count < NbdLimits.RequestHeaderLength)
             {
-                return "peer closed";
+                // About to wait for the client: everything answered so far goes out now.
+                writer.Release();
+                if (!await input.EnsureAsync(NbdLimits.RequestHeaderLength, cancellationToken).ConfigureAwait(false))
+                {
+                    return "peer closed";
+                }
             }
 
+            writer.Hold();
             if (NbdRequest.TryRead(input.Span, out var request) != ParseStatus.Done)
             {
                 ServerLog.ProtocolViolation(_logger, Id, Peer, "request does not start with NBD_REQUEST_MAGIC; the stream is out of step");
@@ -89,6 +111,7 @@ internal sealed partial class NbdConnection
                     }
 
                     // The refused WRITE's data is still read, so the next header is where it should be.
+                    writer.Release();
                     await input.DiscardAsync(request.Length, cancellationToken).ConfigureAwait(false);
                 }
 
@@ -97,16 +120,16 @@ internal sealed partial class NbdConnection
                     ServerLog.RequestRefused(_logger, Id, Peer, request, error.ToErrnoName(), reason!);
                 }
 
-                await _budget!.AcquireAsync(0, cancellationToken).ConfigureAwait(false);
+                await AcquireAsync(budget, 0, blocking, cancellationToken).ConfigureAwait(false);
                 var refused = RentRequest(request);
                 refused.Fail(error, error == NbdError.Shutdown ? "the server is shutting down" : reason, fromBackend: false);
                 refused.BuildError(_structuredReplies);
-                _writer!.Enqueue(refused);
+                writer.Enqueue(refused);
                 continue;
             }
 
             var payloadBytes = request.Command is NbdCommand.Read or NbdCommand.Write ? (int)request.Length : 0;
-            await _budget!.AcquireAsync(payloadBytes, cancellationToken).ConfigureAwait(false);
+            await AcquireAsync(budget, payloadBytes, blocking, cancellationToken).ConfigureAwait(false);
             var work = RentRequest(request);
             work.BudgetBytes = payloadBytes;
             work.RentPayload(payloadBytes);
@@ -114,6 +137,11 @@ internal sealed partial class NbdConnection
             {
                 try
                 {
+                    if (input.Count < payloadBytes)
+                    {
+                        writer.Release();
+                    }
+
                     await input.ReadExactlyAsync(work.PayloadMemory, cancellationToken).ConfigureAwait(false);
                 }
                 catch
@@ -124,17 +152,59 @@ internal sealed partial class NbdConnection
                 }
             }
 
-            if (input.Count >= NbdLimits.RequestHeaderLength)
+            if (!TryExecuteImmediately(work, device))
             {
-                // More requests are already here: let a pool thread run this one while the reader moves on.
                 ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
             }
-            else
+        }
+    }
+
+    /// <summary>Takes budget for a request; if it must wait, the held replies go out first (they are what frees it).</summary>
+    private ValueTask AcquireAsync(FlowBudget budget, long bytes, bool blocking, CancellationToken cancellationToken)
+    {
+        if (budget.TryAcquire(bytes))
+        {
+            return ValueTask.CompletedTask;
+        }
+
+        _writer!.Release();
+        if (blocking)
+        {
+            budget.Acquire(bytes, cancellationToken);
+            return ValueTask.CompletedTask;
+        }
+
+        return budget.AcquireAsync(bytes, cancellationToken);
+    }
+
+    /// <summary>
+    /// Runs a request on the reader's own thread when the backend can do it without waiting for a device (cached
+    /// reads, buffered writes, anything on a memory disk). Everything else may block and goes to the pool.
+    /// </summary>
+    private bool TryExecuteImmediately(TransmissionRequest work, BlockDevice device)
+    {
+        var request = work.Header;
+        try
+        {
+            switch (request.Command)
             {
-                // The last request of a burst runs on the reader: no thread hop, which is what QD1 latency needs.
-                Execute(work);
+                case NbdCommand.Read when request.Length == 0 || device.TryReadImmediate((long)request.Offset, work.PayloadMemory.Span):
+                    break;
+                case NbdCommand.Write when (request.Flags & CommandFlags.Fua) == 0
+                                           && (request.Length == 0 || device.TryWriteImmediate((long)request.Offset, work.PayloadMemory.Span)):
+                    break;
+                default:
+                    return false;
             }
         }
+        catch (Exception exception)
+        {
+            Complete(work, exception);
+            return true;
+        }
+
+        Complete(work, null);
+        return true;
     }
 
     /// <summary>

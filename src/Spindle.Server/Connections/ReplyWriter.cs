@@ -10,17 +10,25 @@ namespace Spindle.Server.Connections;
 /// gathered send, looping while more arrives (flat combining). There is no writer thread to wake, and replies that
 /// complete together leave in one system call.
 /// </summary>
-internal sealed class ReplyWriter
+/// <remarks>
+/// On a blocking socket the sender first tries a non-blocking sendmsg. If the socket is full (a client reading
+/// slowly, or one that sends without reading) the rest of the batch moves to a pool thread that may block, so the
+/// connection's reader never stops reading because of a slow reader at the other end.
+/// </remarks>
+internal sealed class ReplyWriter : IThreadPoolWorkItem
 {
-    private const int MaxSegmentsPerSend = 256;
+    private const int MaxSegmentsPerSend = 512;
     private const long MaxBytesPerSend = 4L * 1024 * 1024;
 
     private readonly ConcurrentQueue<TransmissionRequest> _queue = new();
     private readonly List<ArraySegment<byte>> _segments = new(MaxSegmentsPerSend + 8);
     private readonly List<TransmissionRequest> _batch = new(64);
     private readonly ConnectionTransport _transport;
+    private readonly SocketTransport? _direct;
     private readonly Action<TransmissionRequest> _release;
     private readonly Action<Exception> _onFault;
+    private long _batchBytes;
+    private long _batchSent;
     private int _sending;
     private int _held;
     private volatile bool _faulted;
@@ -28,6 +36,7 @@ internal sealed class ReplyWriter
     public ReplyWriter(ConnectionTransport transport, Action<TransmissionRequest> release, Action<Exception> onFault)
     {
         _transport = transport;
+        _direct = transport as SocketTransport is { IsBlocking: true } socket ? socket : null;
         _release = release;
         _onFault = onFault;
     }
@@ -38,24 +47,102 @@ internal sealed class ReplyWriter
     public void Enqueue(TransmissionRequest request)
     {
         _queue.Enqueue(request);
-        if (Volatile.Read(ref _held) == 0 && Interlocked.CompareExchange(ref _sending, 1, 0) == 0)
+        if (Volatile.Read(ref _held) == 0)
         {
-            _ = DrainAsync();
+            TryStartSending();
         }
     }
 
     /// <summary>
-    /// Holds sending back while the reader works through a batch of requests it executes itself, so their replies
-    /// leave together; <see cref="Release"/> sends what accumulated.
+    /// Holds replies back while the reader works through a burst of requests that are already buffered, so their
+    /// replies leave together; <see cref="Release"/> sends what accumulated. The reader releases before anything
+    /// that may block.
     /// </summary>
     public void Hold() => Volatile.Write(ref _held, 1);
 
     public void Release()
     {
         Volatile.Write(ref _held, 0);
-        if (!_queue.IsEmpty && Interlocked.CompareExchange(ref _sending, 1, 0) == 0)
+        if (!_queue.IsEmpty)
+        {
+            TryStartSending();
+        }
+    }
+
+    /// <summary>Pool entry point: finish a batch the socket could not take at once, blocking, then keep draining.</summary>
+    void IThreadPoolWorkItem.Execute()
+    {
+        try
+        {
+            _direct!.SendAll(_segments, _batchSent, _batchBytes);
+        }
+        catch (Exception exception)
+        {
+            Fault(exception);
+        }
+
+        CompleteBatch();
+        DrainDirect(mayBlock: true);
+    }
+
+    private void TryStartSending()
+    {
+        if (Interlocked.CompareExchange(ref _sending, 1, 0) != 0)
+        {
+            return;
+        }
+
+        if (_direct is not null)
+        {
+            DrainDirect(mayBlock: false);
+        }
+        else
         {
             _ = DrainAsync();
+        }
+    }
+
+    /// <summary>Blocking-socket drain: sendmsg, first without waiting; when that cannot finish, hand over to the pool.</summary>
+    private void DrainDirect(bool mayBlock)
+    {
+        while (true)
+        {
+            if (CollectBatch())
+            {
+                if (!_faulted)
+                {
+                    try
+                    {
+                        if (mayBlock)
+                        {
+                            _direct!.SendAll(_segments, 0, _batchBytes);
+                        }
+                        else
+                        {
+                            _batchSent = _direct!.TrySend(_segments, 0);
+                            if (_batchSent < _batchBytes)
+                            {
+                                // The socket is full: a pool thread finishes this batch (and whatever follows) so
+                                // this thread, often the connection's reader, carries on. _sending stays set.
+                                ThreadPool.UnsafeQueueUserWorkItem(this, preferLocal: false);
+                                return;
+                            }
+                        }
+                    }
+                    catch (Exception exception)
+                    {
+                        Fault(exception);
+                    }
+                }
+
+                CompleteBatch();
+                continue;
+            }
+
+            if (FinishSending())
+            {
+                return;
+            }
         }
     }
 
@@ -64,50 +151,76 @@ internal sealed class ReplyWriter
     {
         while (true)
         {
-            long bytes = 0;
-            while (_segments.Count < MaxSegmentsPerSend && bytes < MaxBytesPerSend && _queue.TryDequeue(out var request))
+            if (CollectBatch())
             {
-                if (_faulted)
+                if (!_faulted)
                 {
-                    _release(request);
-                    continue;
+                    try
+                    {
+                        await _transport.SendAsync(_segments, CancellationToken.None).ConfigureAwait(false);
+                    }
+                    catch (Exception exception)
+                    {
+                        Fault(exception);
+                    }
                 }
 
-                _batch.Add(request);
-                request.AppendSegments(_segments);
-                bytes += request.ReplyLength;
-            }
-
-            if (_batch.Count > 0)
-            {
-                try
-                {
-                    await _transport.SendAsync(_segments, CancellationToken.None).ConfigureAwait(false);
-                }
-                catch (Exception exception)
-                {
-                    // The peer is gone (or the transport was aborted): every later reply is dropped, the reader stops.
-                    _faulted = true;
-                    _onFault(exception);
-                }
-
-                _segments.Clear();
-                foreach (var sent in _batch)
-                {
-                    _release(sent);
-                }
-
-                _batch.Clear();
+                CompleteBatch();
                 continue;
             }
 
-            Volatile.Write(ref _sending, 0);
-
-            // A reply queued between the last dequeue and the flag reset would otherwise wait for the next enqueue.
-            if (_queue.IsEmpty || Volatile.Read(ref _held) != 0 || Interlocked.CompareExchange(ref _sending, 1, 0) != 0)
+            if (FinishSending())
             {
                 return;
             }
         }
+    }
+
+    /// <summary>Moves queued replies into the batch, up to the size of one send. False when there was nothing.</summary>
+    private bool CollectBatch()
+    {
+        _batchBytes = 0;
+        _batchSent = 0;
+        while (_segments.Count < MaxSegmentsPerSend && _batchBytes < MaxBytesPerSend && _queue.TryDequeue(out var request))
+        {
+            if (_faulted)
+            {
+                _release(request);
+                continue;
+            }
+
+            _batch.Add(request);
+            request.AppendSegments(_segments);
+            _batchBytes += request.ReplyLength;
+        }
+
+        return _batch.Count > 0;
+    }
+
+    private void CompleteBatch()
+    {
+        _segments.Clear();
+        foreach (var sent in _batch)
+        {
+            _release(sent);
+        }
+
+        _batch.Clear();
+    }
+
+    /// <summary>Gives up the sender role. False when a reply slipped in meanwhile and this thread took the role back.</summary>
+    private bool FinishSending()
+    {
+        Volatile.Write(ref _sending, 0);
+
+        // A reply queued between the last dequeue and the flag reset would otherwise wait for the next enqueue.
+        return _queue.IsEmpty || Volatile.Read(ref _held) != 0 || Interlocked.CompareExchange(ref _sending, 1, 0) != 0;
+    }
+
+    private void Fault(Exception exception)
+    {
+        // The peer is gone (or the transport was aborted): every later reply is dropped, the reader stops.
+        _faulted = true;
+        _onFault(exception);
     }
 }

@@ -15,7 +15,7 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
 
     private readonly NbdConnection _connection;
     private ArraySegment<byte>[] _segments = new ArraySegment<byte>[4];
-    private byte[] _reply = new byte[InitialReplyCapacity];
+    private byte[] _reply = GC.AllocateArray<byte>(InitialReplyCapacity, pinned: true);
     private bool _replyPooled;
     private int _segmentCount;
 
@@ -229,7 +229,7 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
         if (_replyPooled)
         {
             BufferPool.Shared.Return(_reply);
-            _reply = new byte[InitialReplyCapacity];
+            _reply = GC.AllocateArray<byte>(InitialReplyCapacity, pinned: true);
             _replyPooled = false;
         }
 

@@ -23,6 +23,18 @@ public abstract class ConnectionTransport : IAsyncDisposable
     /// <summary>Sends all of <paramref name="buffers"/>, in one system call where the transport can gather.</summary>
     public abstract ValueTask SendAsync(IList<ArraySegment<byte>> buffers, CancellationToken cancellationToken);
 
+    /// <summary>
+    /// Blocking transports make real blocking system calls in <see cref="ReceiveAsync"/> and the sends, so the
+    /// connection runs them on a thread of its own; their receives ignore cancellation tokens and are woken by
+    /// <see cref="CancelReceive"/> or <see cref="Abort"/> instead.
+    /// </summary>
+    public virtual bool IsBlocking => false;
+
+    /// <summary>Makes a pending and every later receive return end of stream, while sending keeps working.</summary>
+    public virtual void CancelReceive()
+    {
+    }
+
     /// <summary>Closes the sending direction once everything queued is out (a graceful end of stream).</summary>
     public virtual ValueTask ShutdownSendAsync() => ValueTask.CompletedTask;
 

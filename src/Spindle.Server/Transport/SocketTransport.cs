@@ -14,10 +14,11 @@ public sealed class SocketTransport : ConnectionTransport
     private readonly GatherSendArgs _gather = new();
     private int _aborted;
 
-    public SocketTransport(Socket socket)
+    public SocketTransport(Socket socket, bool blocking = false)
     {
         ArgumentNullException.ThrowIfNull(socket);
         _socket = socket;
+        IsBlocking = blocking;
         RemoteIPEndPoint = socket.RemoteEndPoint as IPEndPoint;
         RemoteDescription = socket.RemoteEndPoint switch
         {
@@ -30,15 +31,66 @@ public sealed class SocketTransport : ConnectionTransport
 
     public Socket Socket => _socket;
 
+    /// <summary>
+    /// Blocking mode: receives and sends are plain blocking system calls made on the calling thread, which the
+    /// connection dedicates to the socket. One wake-up per message instead of an epoll event plus a pool hop.
+    /// </summary>
+    public override bool IsBlocking { get; }
+
+    /// <summary>Blocking mode: sends what it can of the segments (after <paramref name="skip"/> bytes) without waiting.</summary>
+    internal long TrySend(List<ArraySegment<byte>> segments, long skip) => NativeSocket.Send(_socket, segments, skip, dontWait: true);
+
+    /// <summary>Blocking mode: sends all of the segments after <paramref name="skip"/> bytes, waiting as needed.</summary>
+    internal void SendAll(List<ArraySegment<byte>> segments, long skip, long total)
+    {
+        while (skip < total)
+        {
+            skip += NativeSocket.Send(_socket, segments, skip, dontWait: false);
+        }
+    }
+
+    public override void CancelReceive()
+    {
+        try
+        {
+            // On Linux a shutdown of the receive side wakes a blocked recv with end of stream.
+            _socket.Shutdown(SocketShutdown.Receive);
+        }
+        catch (SocketException)
+        {
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+    }
+
     public override string RemoteDescription { get; }
 
     public override IPEndPoint? RemoteIPEndPoint { get; }
 
-    public override ValueTask<int> ReceiveAsync(Memory<byte> buffer, CancellationToken cancellationToken) =>
-        _socket.ReceiveAsync(buffer, SocketFlags.None, cancellationToken);
+    public override ValueTask<int> ReceiveAsync(Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        if (!IsBlocking)
+        {
+            return _socket.ReceiveAsync(buffer, SocketFlags.None, cancellationToken);
+        }
+
+        cancellationToken.ThrowIfCancellationRequested();
+        return new ValueTask<int>(_socket.Receive(buffer.Span, SocketFlags.None));
+    }
 
     public override async ValueTask SendAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken)
     {
+        if (IsBlocking)
+        {
+            while (!buffer.IsEmpty)
+            {
+                buffer = buffer[_socket.Send(buffer.Span, SocketFlags.None)..];
+            }
+
+            return;
+        }
+
         while (!buffer.IsEmpty)
         {
             var sent = await _socket.SendAsync(buffer, SocketFlags.None, cancellationToken).ConfigureAwait(false);
@@ -58,6 +110,12 @@ public sealed class SocketTransport : ConnectionTransport
         for (var i = 0; i < buffers.Count; i++)
         {
             total += buffers[i].Count;
+        }
+
+        if (IsBlocking && buffers is List<ArraySegment<byte>> list)
+        {
+            SendAll(list, 0, total);
+            return ValueTask.CompletedTask;
         }
 
         var pending = _gather.SendAsync(_socket, buffers);

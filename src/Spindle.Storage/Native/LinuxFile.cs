@@ -17,6 +17,10 @@ internal static partial class LinuxFile
 
     public const int PosixFadvWillNeed = 3;
 
+    public const int RwfDsync = 0x02;
+    public const int RwfNowait = 0x08;
+    public const int EAGAIN = 11;
+
     public const int EPERM = 1;
     public const int EINTR = 4;
     public const int EIO = 5;
@@ -46,6 +50,12 @@ internal static partial class LinuxFile
     [LibraryImport("libc", EntryPoint = "posix_fadvise")]
     private static partial int PosixFadvise(int fd, long offset, long length, int advice);
 
+    [LibraryImport("libc", EntryPoint = "preadv2", SetLastError = true)]
+    private static unsafe partial nint PReadV2(int fd, IoVector* iov, int count, long offset, int flags);
+
+    [LibraryImport("libc", EntryPoint = "pwritev2", SetLastError = true)]
+    private static unsafe partial nint PWriteV2(int fd, IoVector* iov, int count, long offset, int flags);
+
     [LibraryImport("libc", EntryPoint = "fstat", SetLastError = true)]
     private static unsafe partial int FStat(int fd, byte* buffer);
 
@@ -55,6 +65,30 @@ internal static partial class LinuxFile
         using var fd = new FdLease(handle);
         var result = LSeek(fd.Fd, offset, whence);
         return result >= 0 ? result : -Marshal.GetLastPInvokeError();
+    }
+
+    /// <summary>preadv2 with <paramref name="flags"/> (RWF_*); returns the bytes read or -errno.</summary>
+    public static unsafe long Read(SafeFileHandle handle, Span<byte> destination, long offset, int flags)
+    {
+        using var fd = new FdLease(handle);
+        fixed (byte* pointer = destination)
+        {
+            var vector = new IoVector { Base = pointer, Length = (nuint)destination.Length };
+            var result = PReadV2(fd.Fd, &vector, 1, offset, flags);
+            return result >= 0 ? result : -Marshal.GetLastPInvokeError();
+        }
+    }
+
+    /// <summary>pwritev2 with <paramref name="flags"/> (RWF_*); returns the bytes written or -errno.</summary>
+    public static unsafe long Write(SafeFileHandle handle, ReadOnlySpan<byte> source, long offset, int flags)
+    {
+        using var fd = new FdLease(handle);
+        fixed (byte* pointer = source)
+        {
+            var vector = new IoVector { Base = pointer, Length = (nuint)source.Length };
+            var result = PWriteV2(fd.Fd, &vector, 1, offset, flags);
+            return result >= 0 ? result : -Marshal.GetLastPInvokeError();
+        }
     }
 
     /// <summary>fallocate; returns 0 or errno. Retries on EINTR.</summary>
@@ -135,6 +169,13 @@ internal static partial class LinuxFile
         EOPNOTSUPP or ENOSYS or ENODEV => NbdError.NotSupported,
         _ => NbdError.IO,
     };
+
+    [StructLayout(LayoutKind.Sequential)]
+    private unsafe struct IoVector
+    {
+        public byte* Base;
+        public nuint Length;
+    }
 
     /// <summary>Keeps the handle's descriptor from being closed and reused while a raw system call uses it.</summary>
     private readonly ref struct FdLease
