@@ -111,3 +111,24 @@ internal sealed class FailingBlockDevice(long size, NbdError error) : BlockDevic
     public override ValueTask GetExtentsAsync(long offset, long length, ExtentList extents, CancellationToken cancellationToken) =>
         throw new IOException("injected extents failure");
 }
+
+/// <summary>A memory device that zeroes only by writing, so FAST_ZERO must fail fast with ENOTSUP.</summary>
+internal sealed class SlowZeroBlockDevice(long size) : BlockDevice
+{
+    private readonly MemoryBlockDevice _inner = new(size);
+
+    public override long Size => size;
+
+    public override BlockDeviceFeatures Features => _inner.Features;
+
+    public override ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken) =>
+        _inner.ReadAsync(offset, destination, cancellationToken);
+
+    public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken) =>
+        _inner.WriteAsync(offset, source, fua, cancellationToken);
+
+    public override ValueTask WriteZeroesAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken) =>
+        (flags & ZeroFlags.FastOnly) != 0
+            ? throw new BlockDeviceException(NbdError.NotSupported, "zeroing here is no faster than writing")
+            : _inner.WriteAsync(offset, new byte[length], fua: false, cancellationToken);
+}

@@ -121,6 +121,30 @@ public sealed class TransmissionTests
     }
 
     [Fact]
+    public async Task Fast_zero_that_would_be_slow_fails_with_enotsup_and_changes_nothing()
+    {
+        await using var harness = new ServerHarness(addExports: c => c.Add(new Export(new ExportOptions { Name = "slow" }, new SlowZeroBlockDevice(1024 * 1024))));
+        var (client, _, flags) = await harness.OpenAsync("slow");
+        await using var _1 = client;
+        Assert.True(flags.HasFlag(TransmissionFlags.SendFastZero));
+        var data = Patterns.Generate(0, 8192);
+        await client.SendRequestAsync(NbdCommand.Write, 1, 0, 8192, CommandFlags.None, data);
+        await client.ReadReplyAsync();
+
+        await client.SendRequestAsync(NbdCommand.WriteZeroes, 2, 0, 8192, CommandFlags.FastZero);
+        var fast = await client.ReadReplyAsync();
+        Assert.Equal(NbdError.NotSupported, fast.AnyError);
+        await client.SendRequestAsync(NbdCommand.Read, 3, 0, 8192);
+        Assert.Equal(data, RawNbdClient.Reassemble(await client.ReadStructuredReplyAsync(3), 0, 8192));
+
+        // Without FAST_ZERO the same request must succeed, however slow.
+        await client.SendRequestAsync(NbdCommand.WriteZeroes, 4, 0, 8192);
+        Assert.Equal(NbdError.None, (await client.ReadReplyAsync()).AnyError);
+        await client.SendRequestAsync(NbdCommand.Read, 5, 0, 8192);
+        Assert.All(RawNbdClient.Reassemble(await client.ReadStructuredReplyAsync(5), 0, 8192), b => Assert.Equal(0, b));
+    }
+
+    [Fact]
     public async Task Block_status_with_request_one_returns_one_extent_within_the_request()
     {
         await using var harness = new ServerHarness();
@@ -555,6 +579,11 @@ public sealed class TransmissionTests
         var stop = harness.Server.StopAsync();
         await Task.Delay(200);
         Assert.False(stop.IsCompleted);
+
+        // A request arriving while the server drains is refused with ESHUTDOWN; its write payload is consumed.
+        await client.SendRequestAsync(NbdCommand.Write, 3, 8192, 4096, CommandFlags.None, new byte[4096]);
+        var refused = await client.ReadReplyAsync();
+        Assert.Equal((3ul, NbdError.Shutdown), (refused.Cookie, refused.AnyError));
         gated.Open();
         var chunks = await client.ReadStructuredReplyAsync(2);
         Assert.Equal(Patterns.Generate(0, 4096), RawNbdClient.Reassemble(chunks, 0, 4096));

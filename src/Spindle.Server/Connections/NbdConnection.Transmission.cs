@@ -18,6 +18,7 @@ internal sealed partial class NbdConnection
     private bool _blockStatus;
     private FlowBudget? _budget;
     private ReplyWriter? _writer;
+    private CancellationTokenSource? _stopReading;
 
     private async Task<string> RunTransmissionAsync()
     {
@@ -29,10 +30,13 @@ internal sealed partial class NbdConnection
         // The handshake's final reply (EXPORT_NAME's) may still be buffered.
         await FlushOutputAsync(_abort.Token).ConfigureAwait(false);
 
-        // A stopping server stops reading new requests; those already dispatched are still answered below. A blocking
-        // receive does not see tokens, so it is woken by shutting the socket's receive side instead.
-        using var reading = CancellationTokenSource.CreateLinkedTokenSource(_abort.Token, _server.StoppingToken);
+        // When the server stops, the reader goes on answering new requests with ESHUTDOWN (a client then disconnects
+        // itself) until those in flight are done; then it stops reading. A blocking receive does not see tokens, so it
+        // is woken by shutting the socket's receive side instead.
+        using var reading = CancellationTokenSource.CreateLinkedTokenSource(_abort.Token);
+        _stopReading = reading;
         using var wake = blocking ? reading.Token.UnsafeRegister(static state => ((ConnectionTransport)state!).CancelReceive(), _transport) : default;
+        using var onStop = _server.StoppingToken.UnsafeRegister(static state => _ = ((NbdConnection)state!).StopReadingWhenIdleAsync(), this);
         string reason;
         try
         {
@@ -156,6 +160,29 @@ internal sealed partial class NbdConnection
             {
                 ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
             }
+        }
+    }
+
+    /// <summary>
+    /// Server stop: wait (boundedly) for the requests in flight, give a client that was told ESHUTDOWN a moment to send
+    /// its disconnect, then stop reading.
+    /// </summary>
+    private async Task StopReadingWhenIdleAsync()
+    {
+        try
+        {
+            var deadline = DateTime.UtcNow + _options.ShutdownTimeout;
+            while (_budget!.Requests > 0 && DateTime.UtcNow < deadline)
+            {
+                await Task.Delay(5).ConfigureAwait(false);
+            }
+
+            await Task.Delay(50).ConfigureAwait(false);
+            await _stopReading!.CancelAsync().ConfigureAwait(false);
+        }
+        catch (ObjectDisposedException)
+        {
+            // The connection ended first.
         }
     }
 
