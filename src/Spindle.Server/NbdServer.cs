@@ -21,6 +21,7 @@ public sealed class NbdServer : IAsyncDisposable
     private readonly ConcurrentDictionary<long, (NbdConnection Connection, Task Task)> _connections = new();
     private readonly CancellationTokenSource _stopping = new();
     private readonly CancellationTokenSource _abort = new();
+    private readonly Timer? _idleSweep;
     private long _nextConnectionId;
     private int _state; // 0 created, 1 started, 2 stopping, 3 stopped
 
@@ -32,7 +33,17 @@ public sealed class NbdServer : IAsyncDisposable
         Options = options;
         Catalog = catalog;
         Logger = (loggerFactory ?? NullLoggerFactory.Instance).CreateLogger("Spindle.Server");
+        SharedBudget = new FlowBudget(int.MaxValue, options.MaxBytesInFlightTotal);
+        ValidateExports();
+        if (options.IdleTimeout is { } idle)
+        {
+            var period = TimeSpan.FromMilliseconds(Math.Clamp(idle.TotalMilliseconds / 4, 50, 1000));
+            _idleSweep = new Timer(static state => ((NbdServer)state!).SweepIdle(), this, period, period);
+        }
     }
+
+    /// <summary>The payload bytes in flight across all connections (<see cref="ServerOptions.MaxBytesInFlightTotal"/>).</summary>
+    internal FlowBudget SharedBudget { get; }
 
     public ServerOptions Options { get; }
 
@@ -116,17 +127,49 @@ public sealed class NbdServer : IAsyncDisposable
     private static Task RunOnDedicatedThread(NbdConnection connection)
     {
         var completion = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        var thread = new Thread(() =>
-        {
-            connection.RunAsync().GetAwaiter().GetResult();
-            completion.SetResult();
-        })
+        // A small stack: a connection's thread only parses and dispatches, and there may be a thousand of them.
+        var thread = new Thread(
+            () =>
+            {
+                connection.RunAsync().GetAwaiter().GetResult();
+                completion.SetResult();
+            },
+            maxStackSize: 256 * 1024)
         {
             IsBackground = true,
             Name = $"nbd-connection-{connection.Id}",
         };
         thread.Start();
         return completion.Task;
+    }
+
+    private void ValidateExports()
+    {
+        foreach (var export in Catalog.Exports)
+        {
+            if (export.Options.Tls == Security.TlsMode.Require && Options.Tls is null)
+            {
+                throw new ArgumentException($"export '{export.Name}' requires TLS but the server has no certificate configured");
+            }
+
+            if (export.Options.Access?.Identities is not null && Options.Tls?.ClientCertificateAuthorities is null)
+            {
+                throw new ArgumentException($"export '{export.Name}' allows TLS identities but the server verifies no client certificates (it needs a ca-cert.pem)");
+            }
+        }
+    }
+
+    private void SweepIdle()
+    {
+        var timeout = Options.IdleTimeout!.Value;
+        var now = Environment.TickCount64;
+        foreach (var (connection, _) in _connections.Values)
+        {
+            if (connection.IsQuiet && now - connection.LastActivity > (long)timeout.TotalMilliseconds)
+            {
+                connection.CloseIdle(timeout);
+            }
+        }
     }
 
     internal void Accept(Socket socket)
@@ -196,6 +239,11 @@ public sealed class NbdServer : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        if (_idleSweep is not null)
+        {
+            await _idleSweep.DisposeAsync().ConfigureAwait(false);
+        }
+
         await StopAsync().ConfigureAwait(false);
         _stopping.Dispose();
         _abort.Dispose();

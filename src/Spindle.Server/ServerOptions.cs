@@ -1,5 +1,6 @@
 using System.Net;
 using Spindle.Protocol;
+using Spindle.Server.Security;
 
 namespace Spindle.Server;
 
@@ -53,6 +54,18 @@ public sealed class ServerOptions
     public long MaxBytesInFlight { get; set; } = 32L * 1024 * 1024;
 
     /// <summary>
+    /// Payload bytes all connections together may hold, so many clients cannot add up to more memory than this.
+    /// Default: 1 GiB.
+    /// </summary>
+    public long MaxBytesInFlightTotal { get; set; } = 1L << 30;
+
+    /// <summary>
+    /// A connection in transmission with nothing in flight and no request for this long is closed. Default: null
+    /// (never: an idle mounted disk is normal).
+    /// </summary>
+    public TimeSpan? IdleTimeout { get; set; }
+
+    /// <summary>
     /// The largest READ or WRITE accepted. Default and minimum: 32 MiB, the size the spec says no server should refuse.
     /// </summary>
     public int MaxPayload { get; set; } = NbdLimits.DefaultMaxPayload;
@@ -79,6 +92,9 @@ public sealed class ServerOptions
     /// </summary>
     public bool BlockingSockets { get; set; } = true;
 
+    /// <summary>TLS settings; null (the default) serves without TLS (NOTLS mode).</summary>
+    public TlsOptions? Tls { get; set; }
+
     /// <summary>Simultaneous connections across all exports; more are refused at once. Default: 1024.</summary>
     public int MaxConnections { get; set; } = 1024;
 
@@ -89,7 +105,7 @@ public sealed class ServerOptions
             throw new ArgumentOutOfRangeException(nameof(MaxPayload), MaxPayload, "the maximum payload must be at least 32 MiB");
         }
 
-        if (MaxRequestsInFlight < 1 || MaxBytesInFlight < 1 || MaxOptionsPerConnection < 1 || MaxExtentsPerReply < 1 || MaxConnections < 1)
+        if (MaxRequestsInFlight < 1 || MaxBytesInFlight < 1 || MaxBytesInFlightTotal < 1 || MaxOptionsPerConnection < 1 || MaxExtentsPerReply < 1 || MaxConnections < 1)
         {
             throw new ArgumentOutOfRangeException(nameof(ServerOptions), "limits must be positive");
         }

@@ -9,18 +9,24 @@ namespace Spindle.Server.Connections;
 /// <remarks>Only the connection's reader acquires, so there is at most one waiter; releases come from any thread.</remarks>
 internal sealed class FlowBudget : IDisposable
 {
+    private readonly FlowBudget? _shared;
     private readonly int _maxRequests;
     private readonly long _maxBytes;
     private readonly Lock _lock = new();
     private readonly SemaphoreSlim _released = new(0);
     private bool _waiting;
+    private bool _sharedShortage;
     private int _requests;
     private long _bytes;
 
-    public FlowBudget(int maxRequests, long maxBytes)
+    /// <param name="maxRequests">Requests in flight at most.</param>
+    /// <param name="maxBytes">Payload bytes in flight at most (one request alone may exceed it).</param>
+    /// <param name="shared">A server-wide budget whose bytes this one also draws on; its request count is not limited.</param>
+    public FlowBudget(int maxRequests, long maxBytes, FlowBudget? shared = null)
     {
         _maxRequests = maxRequests;
         _maxBytes = maxBytes;
+        _shared = shared;
     }
 
     public int Requests => Volatile.Read(ref _requests);
@@ -39,7 +45,8 @@ internal sealed class FlowBudget : IDisposable
     {
         while (!TryAcquireOrArm(bytes))
         {
-            _released.Wait(cancellationToken);
+            // A shortage of the shared budget is not signalled to each connection: look again every few milliseconds.
+            _released.Wait(_sharedShortage ? 5 : Timeout.Infinite, cancellationToken);
         }
     }
 
@@ -48,12 +55,13 @@ internal sealed class FlowBudget : IDisposable
     {
         while (!TryAcquireOrArm(bytes))
         {
-            await _released.WaitAsync(cancellationToken).ConfigureAwait(false);
+            await _released.WaitAsync(_sharedShortage ? 5 : Timeout.Infinite, cancellationToken).ConfigureAwait(false);
         }
     }
 
     public void Release(long bytes)
     {
+        _shared?.Release(bytes);
         lock (_lock)
         {
             _requests--;
@@ -98,6 +106,7 @@ internal sealed class FlowBudget : IDisposable
     {
         lock (_lock)
         {
+            _sharedShortage = false;
             if (TryTake(bytes))
             {
                 return true;
@@ -112,6 +121,13 @@ internal sealed class FlowBudget : IDisposable
     {
         if (_requests >= _maxRequests || (_requests > 0 && _bytes + bytes > _maxBytes))
         {
+            return false;
+        }
+
+        if (_shared is not null && !_shared.TryAcquire(bytes))
+        {
+            // Room here but not server-wide: wait for this connection's own releases, or poll the shared budget.
+            _sharedShortage = true;
             return false;
         }
 

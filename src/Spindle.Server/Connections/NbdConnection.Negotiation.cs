@@ -1,10 +1,16 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.ComponentModel;
+using System.Net.Security;
+using System.Security.Authentication;
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
 using System.Text;
 using Spindle.Protocol;
 using Spindle.Server.Buffers;
 using Spindle.Server.Exports;
 using Spindle.Server.Logging;
+using Spindle.Server.Security;
 using Spindle.Server.Transport;
 
 namespace Spindle.Server.Connections;
@@ -35,6 +41,9 @@ internal sealed partial class NbdConnection
     private int _optionCount;
     private Export? _export;
     private string _requestedName = string.Empty;
+    private bool _fixedNewstyle;
+    private bool _tlsActive;
+    private ClientIdentity? _identity;
 
     private async Task<NegotiationOutcome> NegotiateWithTimeoutAsync()
     {
@@ -80,6 +89,9 @@ internal sealed partial class NbdConnection
         }
 
         _clientNoZeroes = (clientFlags & ClientFlags.NoZeroes) != 0;
+
+        // TLS needs fixed newstyle on both sides; a client without it is served in NOTLS mode.
+        _fixedNewstyle = (clientFlags & ClientFlags.FixedNewstyle) != 0;
 
         while (true)
         {
@@ -141,6 +153,19 @@ internal sealed partial class NbdConnection
             return null;
         }
 
+        if (option == NbdOption.StartTls)
+        {
+            return await HandleStartTlsAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+        }
+
+        if (TlsMode == TlsMode.Require && !_tlsActive)
+        {
+            // FORCEDTLS: until TLS is up, everything but STARTTLS and ABORT is refused, unknown options included.
+            await _input.DiscardAsync(header.DataLength, cancellationToken).ConfigureAwait(false);
+            WriteError(option, OptionReplyType.ErrorTlsRequired, "this server requires TLS: send NBD_OPT_STARTTLS first");
+            return null;
+        }
+
         if (!IsKnownOption(option))
         {
             // Unknown (or unimplemented) option: skip exactly its data so the next option parses, and say so.
@@ -169,7 +194,7 @@ internal sealed partial class NbdConnection
         }
     }
 
-    private static bool IsKnownOption(NbdOption option) => option is NbdOption.List or NbdOption.StartTls or NbdOption.Info
+    private static bool IsKnownOption(NbdOption option) => option is NbdOption.List or NbdOption.Info
         or NbdOption.Go or NbdOption.StructuredReply or NbdOption.ListMetaContext or NbdOption.SetMetaContext;
 
     private NegotiationOutcome? HandleBufferedOption(NbdOption option, ReadOnlySpan<byte> data)
@@ -178,9 +203,6 @@ internal sealed partial class NbdConnection
         {
             case NbdOption.List:
                 HandleList(data);
-                return null;
-            case NbdOption.StartTls:
-                HandleStartTls(data);
                 return null;
             case NbdOption.Info:
             case NbdOption.Go:
@@ -220,9 +242,17 @@ internal sealed partial class NbdConnection
             return NegotiationOutcome.Shutdown;
         }
 
-        if (!_server.Catalog.TryGet(name, out var export))
+        if (TlsMode == TlsMode.Require && !_tlsActive)
         {
-            ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", OptionReplyType.ErrorUnknown, $"no export named '{name}'; closing, as EXPORT_NAME cannot report errors");
+            ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", OptionReplyType.ErrorTlsRequired, "TLS is required; closing, as EXPORT_NAME cannot report errors");
+            return NegotiationOutcome.Refused;
+        }
+
+        var (export, refusal, reason) = Resolve(name);
+        if (export is null || !export.TryConnect())
+        {
+            reason = export is null ? reason : $"export '{export.Name}' already has its {export.Options.MaxConnections} connections";
+            ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", export is null ? refusal : OptionReplyType.ErrorPolicy, reason + "; closing, as EXPORT_NAME cannot report errors");
             return NegotiationOutcome.Refused;
         }
 
@@ -247,24 +277,16 @@ internal sealed partial class NbdConnection
             return;
         }
 
+        // TLS-only exports before TLS, and exports this client may not use, are not listed.
         foreach (var export in _server.Catalog.Exports)
         {
-            WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(export.Name, export.Options.Description));
+            if (IsVisible(export) && IsAllowed(export, out _))
+            {
+                WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(export.Name, export.Options.Description));
+            }
         }
 
         WriteReply(NbdOption.List, OptionReplyType.Ack, default);
-    }
-
-    private void HandleStartTls(ReadOnlySpan<byte> data)
-    {
-        if (!data.IsEmpty)
-        {
-            WriteError(NbdOption.StartTls, OptionReplyType.ErrorInvalid, "NBD_OPT_STARTTLS takes no data");
-            return;
-        }
-
-        // NOTLS mode: ERR_POLICY, and never ERR_TLS_REQD for anything.
-        WriteError(NbdOption.StartTls, OptionReplyType.ErrorPolicy, "TLS is not configured on this server");
     }
 
     private void HandleStructuredReply(ReadOnlySpan<byte> data)
@@ -293,9 +315,16 @@ internal sealed partial class NbdConnection
             return null;
         }
 
-        if (!_server.Catalog.TryGet(request!.ExportName, out var export))
+        var (export, refusal, reason) = Resolve(request!.ExportName);
+        if (export is null)
         {
-            WriteError(option, OptionReplyType.ErrorUnknown, $"no export named '{request.ExportName}'");
+            WriteError(option, refusal, reason);
+            return null;
+        }
+
+        if (option == NbdOption.Go && !export.TryConnect())
+        {
+            WriteError(option, OptionReplyType.ErrorPolicy, $"export '{export.Name}' already has its {export.Options.MaxConnections} connections");
             return null;
         }
 
@@ -350,9 +379,11 @@ internal sealed partial class NbdConnection
             return;
         }
 
-        if (!_server.Catalog.TryGet(request!.ExportName, out _))
+        // ERR_TLS_REQD is only allowed for INFO and GO: a hidden export is simply unknown here.
+        var (export, refusal, reason) = Resolve(request!.ExportName);
+        if (export is null)
         {
-            WriteError(option, OptionReplyType.ErrorUnknown, $"no export named '{request.ExportName}'");
+            WriteError(option, refusal == OptionReplyType.ErrorTlsRequired ? OptionReplyType.ErrorUnknown : refusal, reason);
             return;
         }
 
@@ -391,11 +422,154 @@ internal sealed partial class NbdConnection
     {
         _export = export;
         _requestedName = requestedName;
-        export.OnConnected();
         InTransmission = true;
         _blockStatus = _allocationSelected && _metaContextExport == requestedName;
         _flags = export.FlagsFor(_structuredReplies);
         ServerLog.ExportSelected(_logger, Id, Peer, export.Name, export.Size, _flags, _structuredReplies, _blockStatus);
+    }
+
+    /// <summary>The TLS mode of this connection: NOTLS unless the server has TLS and the client speaks fixed newstyle.</summary>
+    private TlsMode TlsMode => _server.Options.Tls is { } tls && _fixedNewstyle ? tls.Mode : TlsMode.Off;
+
+    /// <summary>
+    /// Finds the export a client names and checks that this client may have it. On refusal the reply and the reason
+    /// follow the spec: before TLS, a TLS-only export and an unknown one look the same (ERR_TLS_REQD, so the client
+    /// learns neither existence nor size); a client outside an export's allow lists gets ERR_POLICY.
+    /// </summary>
+    private (Export? Export, OptionReplyType Refusal, string Reason) Resolve(string name)
+    {
+        var hidingUnknown = !_tlsActive && TlsMode == TlsMode.On && _server.Catalog.Exports.Any(RequiresTls);
+        if (!_server.Catalog.TryGet(name, out var export))
+        {
+            return hidingUnknown
+                ? (null, OptionReplyType.ErrorTlsRequired, $"export '{name}' needs TLS or does not exist")
+                : (null, OptionReplyType.ErrorUnknown, $"no export named '{name}'");
+        }
+
+        if (!IsVisible(export))
+        {
+            return (null, OptionReplyType.ErrorTlsRequired, $"export '{name}' needs TLS or does not exist");
+        }
+
+        if (!IsAllowed(export, out var rule))
+        {
+            return (null, OptionReplyType.ErrorPolicy, $"export '{export.Name}' refused by its {rule}");
+        }
+
+        return (export, default, string.Empty);
+    }
+
+    private bool RequiresTls(Export export) => TlsMode == TlsMode.Require || (export.Options.Tls ?? TlsMode.Off) == TlsMode.Require;
+
+    private bool IsVisible(Export export) => _tlsActive || !RequiresTls(export);
+
+    private bool IsAllowed(Export export, out string rule)
+    {
+        if (export.Options.Access is { } access)
+        {
+            return access.Allows(_transport.RemoteIPEndPoint, _identity, out rule);
+        }
+
+        rule = string.Empty;
+        return true;
+    }
+
+    /// <summary>
+    /// NBD_OPT_STARTTLS: acknowledge in plain text, then run the TLS handshake and swap the transport. Everything
+    /// negotiated before is forgotten (structured replies, metadata contexts), so nothing injected in plain text
+    /// survives into the encrypted session (CVE-2021-3716).
+    /// </summary>
+    private async Task<NegotiationOutcome?> HandleStartTlsAsync(uint length, CancellationToken cancellationToken)
+    {
+        await _input.DiscardAsync(length, cancellationToken).ConfigureAwait(false);
+        if (length != 0)
+        {
+            WriteError(NbdOption.StartTls, OptionReplyType.ErrorInvalid, "NBD_OPT_STARTTLS takes no data");
+            return null;
+        }
+
+        if (TlsMode == TlsMode.Off)
+        {
+            WriteError(NbdOption.StartTls, OptionReplyType.ErrorPolicy, _server.Options.Tls is null ? "TLS is not configured on this server" : "TLS needs fixed newstyle negotiation");
+            return null;
+        }
+
+        if (_tlsActive)
+        {
+            WriteError(NbdOption.StartTls, OptionReplyType.ErrorInvalid, "TLS is already active");
+            return null;
+        }
+
+        WriteReply(NbdOption.StartTls, OptionReplyType.Ack, default);
+        await FlushOutputAsync(cancellationToken).ConfigureAwait(false);
+
+        var tls = _server.Options.Tls!;
+        var leftover = _input.Span.ToArray();
+        _input.Consume(leftover.Length);
+        var stream = new SslStream(PrefixedStream.For(_transport, leftover), leaveInnerStreamOpen: true, (_, certificate, _, _) => ValidateClient(tls, certificate));
+        try
+        {
+            var options = new SslServerAuthenticationOptions
+            {
+                ServerCertificateContext = SslStreamCertificateContext.Create(tls.Certificate, tls.Chain),
+                ClientCertificateRequired = tls.ClientCertificateAuthorities is not null,
+                EnabledSslProtocols = tls.Protocols,
+                CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+            };
+            if (_transport.IsBlocking)
+            {
+                stream.AuthenticateAsServer(options);
+            }
+            else
+            {
+                await stream.AuthenticateAsServerAsync(options, cancellationToken).ConfigureAwait(false);
+            }
+        }
+        catch (Exception exception) when (exception is AuthenticationException or IOException or Win32Exception)
+        {
+            await stream.DisposeAsync().ConfigureAwait(false);
+            ServerLog.TlsFailed(_logger, Id, Peer, exception.Message);
+            return NegotiationOutcome.Refused;
+        }
+
+        _identity = stream.RemoteCertificate is { } remote ? ClientIdentity.FromCertificate(X509CertificateLoader.LoadCertificate(remote.GetRawCertData())) : null;
+        _transport = new TlsTransport(_transport, stream);
+        _input.SwitchTransport(_transport);
+        _tlsActive = true;
+        _structuredReplies = false;
+        _allocationSelected = false;
+        _metaContextExport = null;
+        ServerLog.TlsStarted(_logger, Id, Peer, stream.SslProtocol.ToString(), _identity?.ToString() ?? "no client certificate");
+        return null;
+    }
+
+    private bool ValidateClient(TlsOptions tls, X509Certificate? certificate)
+    {
+        if (certificate is null)
+        {
+            return !tls.RequireClientCertificate;
+        }
+
+        if (tls.ClientCertificateAuthorities is null)
+        {
+            return !tls.RequireClientCertificate;
+        }
+
+        using var leaf = X509CertificateLoader.LoadCertificate(certificate.GetRawCertData());
+        using var chain = new X509Chain();
+        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+        chain.ChainPolicy.CustomTrustStore.AddRange(tls.ClientCertificateAuthorities);
+        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+
+        // A certificate that lists extended key usages must list client authentication.
+        chain.ChainPolicy.ApplicationPolicy.Add(new Oid("1.3.6.1.5.5.7.3.2"));
+        if (chain.Build(leaf))
+        {
+            return true;
+        }
+
+        ServerLog.ClientCertificateRejected(_logger, Id, Peer, leaf.Subject, string.Join("; ", chain.ChainStatus.Select(s => s.StatusInformation.Trim())));
+        return false;
     }
 
     private void WriteReply(NbdOption option, OptionReplyType type, ReadOnlySpan<byte> data)

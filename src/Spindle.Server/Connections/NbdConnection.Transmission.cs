@@ -19,12 +19,15 @@ internal sealed partial class NbdConnection
     private FlowBudget? _budget;
     private ReplyWriter? _writer;
     private CancellationTokenSource? _stopReading;
+    private long _lastActivity;
+    private int _idleClosed;
 
     private async Task<string> RunTransmissionAsync()
     {
         var export = _export!;
         var blocking = _transport.IsBlocking;
-        _budget = new FlowBudget(_options.MaxRequestsInFlight, _options.MaxBytesInFlight);
+        _budget = new FlowBudget(_options.MaxRequestsInFlight, _options.MaxBytesInFlight, _server.SharedBudget);
+        Touch();
         _writer = new ReplyWriter(_transport, ReleaseRequest, OnWriterFault);
 
         // The handshake's final reply (EXPORT_NAME's) may still be buffered.
@@ -54,6 +57,10 @@ internal sealed partial class NbdConnection
         if (_server.StoppingToken.IsCancellationRequested && !_abort.IsCancellationRequested)
         {
             reason = "server stopping";
+        }
+        else if (Volatile.Read(ref _idleClosed) != 0)
+        {
+            reason = "idle timeout";
         }
 
         // Everything already dispatched finishes and is answered (or dropped if the peer is gone) before closing.
@@ -89,6 +96,7 @@ internal sealed partial class NbdConnection
             }
 
             writer.Hold();
+            Touch();
             if (NbdRequest.TryRead(input.Span, out var request) != ParseStatus.Done)
             {
                 ServerLog.ProtocolViolation(_logger, Id, Peer, "request does not start with NBD_REQUEST_MAGIC; the stream is out of step");
@@ -162,6 +170,30 @@ internal sealed partial class NbdConnection
             }
         }
     }
+
+    /// <summary>When the connection last received a request (Environment.TickCount64).</summary>
+    internal long LastActivity => Volatile.Read(ref _lastActivity);
+
+    /// <summary>True when the connection is in transmission with nothing in flight.</summary>
+    internal bool IsQuiet => InTransmission && _budget is { Requests: 0 };
+
+    /// <summary>Closes a connection that has been idle too long: it stops reading, then closes as after a disconnect.</summary>
+    internal void CloseIdle(TimeSpan timeout)
+    {
+        if (Interlocked.Exchange(ref _idleClosed, 1) == 0)
+        {
+            ServerLog.IdleTimeout(_logger, Id, Peer, timeout.TotalSeconds);
+            try
+            {
+                _stopReading?.Cancel();
+            }
+            catch (ObjectDisposedException)
+            {
+            }
+        }
+    }
+
+    private void Touch() => Volatile.Write(ref _lastActivity, Environment.TickCount64);
 
     /// <summary>
     /// Server stop: wait (boundedly) for the requests in flight, give a client that was told ESHUTDOWN a moment to send

@@ -17,7 +17,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private readonly ServerOptions _options;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _abort = new();
-    private readonly ConnectionTransport _transport;
+    private ConnectionTransport _transport;
     private readonly ReceiveBuffer _input;
 
     public NbdConnection(NbdServer server, ConnectionTransport transport, long id)

@@ -11,7 +11,7 @@ internal sealed class ReceiveBuffer : IDisposable
 {
     public const int Capacity = 64 * 1024;
 
-    private readonly ConnectionTransport _transport;
+    private ConnectionTransport _transport;
     private byte[] _buffer;
     private int _start;
     private int _end;
@@ -20,6 +20,17 @@ internal sealed class ReceiveBuffer : IDisposable
     {
         _transport = transport;
         _buffer = BufferPool.Shared.Rent(Capacity);
+    }
+
+    /// <summary>Reads from a new transport from now on (after STARTTLS). The buffer must be empty.</summary>
+    public void SwitchTransport(ConnectionTransport transport)
+    {
+        if (Count != 0)
+        {
+            throw new InvalidOperationException("bytes still buffered from the old transport");
+        }
+
+        _transport = transport;
     }
 
     /// <summary>Bytes buffered and not yet consumed.</summary>

@@ -1,4 +1,5 @@
 using Spindle.Protocol;
+using Spindle.Server.Security;
 using Spindle.Storage;
 
 namespace Spindle.Server.Exports;
@@ -35,6 +36,18 @@ public sealed class ExportOptions
     /// so a FLUSH on one connection covers writes made on all of them.
     /// </summary>
     public bool? MultiConn { get; set; }
+
+    /// <summary>
+    /// TLS for this export: null follows the server; <see cref="TlsMode.Require"/> makes it TLS-only, invisible to a
+    /// client that has not started TLS.
+    /// </summary>
+    public TlsMode? Tls { get; set; }
+
+    /// <summary>Who may use the export (addresses, TLS identities); null allows everyone who reaches the server.</summary>
+    public ExportAccess? Access { get; set; }
+
+    /// <summary>Simultaneous connections to this export; 0 (the default) means no limit but the server's.</summary>
+    public int MaxConnections { get; set; }
 }
 
 /// <summary>An export: a name, a backend and the transmission flags that follow from what the backend can do.</summary>
@@ -88,7 +101,24 @@ public sealed class Export : IAsyncDisposable
     public TransmissionFlags FlagsFor(bool structuredReplies) =>
         structuredReplies ? _flags | TransmissionFlags.SendDf : _flags;
 
-    internal void OnConnected() => Interlocked.Increment(ref _connections);
+    /// <summary>Counts a connection in, unless the export's connection limit is reached.</summary>
+    internal bool TryConnect()
+    {
+        var limit = Options.MaxConnections;
+        while (true)
+        {
+            var current = Volatile.Read(ref _connections);
+            if (limit > 0 && current >= limit)
+            {
+                return false;
+            }
+
+            if (Interlocked.CompareExchange(ref _connections, current + 1, current) == current)
+            {
+                return true;
+            }
+        }
+    }
 
     internal void OnDisconnected() => Interlocked.Decrement(ref _connections);
 

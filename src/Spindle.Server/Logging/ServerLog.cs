@@ -63,6 +63,18 @@ internal static partial class ServerLog
     [LoggerMessage(19, LogLevel.Debug, "[{ConnectionId}] {Peer}: disconnected by peer")]
     public static partial void PeerClosed(ILogger logger, long connectionId, string peer);
 
+    [LoggerMessage(21, LogLevel.Information, "[{ConnectionId}] {Peer}: TLS started ({Protocol}, {Identity})")]
+    public static partial void TlsStarted(ILogger logger, long connectionId, string peer, string protocol, string identity);
+
+    [LoggerMessage(22, LogLevel.Warning, "[{ConnectionId}] {Peer}: TLS handshake failed, disconnecting: {Reason}")]
+    public static partial void TlsFailed(ILogger logger, long connectionId, string peer, string reason);
+
+    [LoggerMessage(23, LogLevel.Warning, "[{ConnectionId}] {Peer}: client certificate '{Subject}' refused: {Reason}")]
+    public static partial void ClientCertificateRejected(ILogger logger, long connectionId, string peer, string subject, string reason);
+
+    [LoggerMessage(24, LogLevel.Information, "[{ConnectionId}] {Peer}: idle for {Seconds} s, closing")]
+    public static partial void IdleTimeout(ILogger logger, long connectionId, string peer, double seconds);
+
     [LoggerMessage(20, LogLevel.Warning, "[{ConnectionId}] {Peer}: closed with {Pending} requests still in flight after {Seconds} s")]
     public static partial void AbandonedRequests(ILogger logger, long connectionId, string peer, int pending, double seconds);
 }
