@@ -167,6 +167,49 @@ public sealed class RbdBlockDeviceTests(CephCluster cluster)
     }
 
     [Fact(Timeout = 120_000)]
+    public async Task A_write_while_another_client_holds_the_exclusive_lock_and_refuses_it_fails_with_EPERM()
+    {
+        var image = await cluster.CreateImageAsync("locked");
+        const string script = """
+            import sys, time, rados, rbd
+            conf, keyring, spec = sys.argv[1:4]
+            pool, name = spec.split("/", 1)
+            cluster = rados.Rados(conffile=conf, rados_id="admin", conf={"keyring": keyring})
+            cluster.connect(timeout=20)
+            ioctx = cluster.open_ioctx(pool)
+            image = rbd.Image(ioctx, name)
+            image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            print("locked", flush=True)
+            time.sleep(120)
+            """;
+        var locked = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var holder = PeerTool.Start(PeerTool.SystemPython, ["-c", script, cluster.ConfigFile, cluster.Keyring, image], onOutput: line =>
+        {
+            if (line == "locked")
+            {
+                locked.TrySetResult();
+            }
+        });
+        try
+        {
+            await locked.Task.WaitAsync(TimeSpan.FromSeconds(60), TestContext.Current.CancellationToken);
+            await using var device = cluster.Open(image);
+
+            // Reads need no lock; a write asks the holder for it, and a holder in exclusive mode says no.
+            await device.ReadAsync(0, new byte[4096], CancellationToken.None);
+            var failure = await Assert.ThrowsAsync<BlockDeviceException>(async () =>
+                await device.WriteAsync(0, new byte[4096], fua: false, CancellationToken.None));
+            Assert.Equal(NbdError.NotPermitted, failure.Error);
+            Assert.Contains("exclusive lock", failure.Message, StringComparison.Ordinal);
+        }
+        finally
+        {
+            await PeerTool.StopAsync(holder);
+            holder.Dispose();
+        }
+    }
+
+    [Fact(Timeout = 120_000)]
     public async Task A_read_only_open_refuses_writes_with_EPERM_and_still_reads()
     {
         var image = await cluster.CreateImageAsync("readonly");
