@@ -130,6 +130,12 @@ public sealed class RbdNbdInteropTests(CephCluster cluster)
         Assert.True(readOnly.ExitCode == 0, $"the snapshot export must be read-only: {readOnly}");
         await QemuIoAsync(snapshot.Uri(), readOnly: true, "read -P 0x61 0 2M", "read -P 0 2M 1M");
 
+        // BLOCK_STATUS describes the snapshot: what it holds is data, never a hole.
+        var map = await PeerTool.RunCheckedAsync("nbdinfo", ["--map", snapshot.Uri()], PeerTimeout);
+        var first = map.StandardOutput.Split('\n', StringSplitOptions.RemoveEmptyEntries)[0].Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal(["0", "0"], new[] { first[0], first[2] });
+        Assert.True(long.Parse(first[1], System.Globalization.CultureInfo.InvariantCulture) >= 2 << 20, map.StandardOutput);
+
         // A write is refused by the server with EPERM (libnbd's strict mode off, so it sends what it is told).
         const string script = """
             import sys, nbd
