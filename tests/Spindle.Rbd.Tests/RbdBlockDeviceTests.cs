@@ -210,6 +210,30 @@ public sealed class RbdBlockDeviceTests(CephCluster cluster)
     }
 
     [Fact(Timeout = 120_000)]
+    public async Task An_image_in_a_namespace_is_opened_by_pool_namespace_and_name()
+    {
+        var suffix = Guid.NewGuid().ToString("N")[..6];
+        var nameSpace = "ns" + suffix;
+        var name = "img" + suffix;
+        await cluster.RbdAsync("namespace", "create", $"{CephCluster.Pool}/{nameSpace}");
+        var image = $"{CephCluster.Pool}/{nameSpace}/{name}";
+        await cluster.RbdAsync("create", "--size", "16M", image);
+
+        // An image of the same name in the default namespace must not be the one written.
+        var decoy = $"{CephCluster.Pool}/{name}";
+        await cluster.RbdAsync("create", "--size", "16M", decoy);
+        await using (var device = cluster.Open(image))
+        {
+            Assert.Equal(new RbdImageSpec(CephCluster.Pool, nameSpace, name, null), device.Image);
+            await device.WriteAsync(4096, Patterns.Generate(4096, 65536, seed: 12), fua: true, CancellationToken.None);
+        }
+
+        var exported = await cluster.ExportAsync(image);
+        Assert.True(Patterns.Generate(4096, 65536, seed: 12).AsSpan().SequenceEqual(exported.AsSpan(4096, 65536)));
+        Assert.True((await cluster.ExportAsync(decoy)).AsSpan().IndexOfAnyExcept((byte)0) < 0);
+    }
+
+    [Fact(Timeout = 120_000)]
     public async Task A_read_only_open_refuses_writes_with_EPERM_and_still_reads()
     {
         var image = await cluster.CreateImageAsync("readonly");
