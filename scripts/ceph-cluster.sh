@@ -14,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -204,10 +204,9 @@ echo $! >"$dir/mon.pid"
 # Register osd.0 in the OSD map. One python process with one librados connection does what would otherwise be
 # several `ceph` commands at 0.6-0.7 s each.
 "$python" - "$dir" "$osd_uuid" <<'EOF'
-import json, sys, time
+import json, sys
 import rados
 d, osd_uuid = sys.argv[1], sys.argv[2]
-deadline = time.monotonic() + 30
 cluster = rados.Rados(conffile=f"{d}/ceph.conf", rados_id="admin", conf={"client_mount_timeout": "20", "rados_mon_op_timeout": "20"})
 cluster.connect(timeout=20)
 ret, out, err = cluster.mon_command(json.dumps({"prefix": "osd new", "uuid": osd_uuid, "id": 0}), b"")
