@@ -15,6 +15,9 @@ packages=(
   openssl           # certificates for the TLS tests
   gnutls-bin        # certtool, as nbdkit and qemu users make certificates
   iproute2 procps psmisc
+  # Ceph: a throwaway cluster for the RBD backend's tests (scripts/ceph-cluster.sh), the client libraries the
+  # backend loads, python3-rbd to read images back independently, and qemu's rbd driver (the benchmark's peer).
+  ceph-mon ceph-osd ceph-mgr ceph-common librados2 librbd1 python3-rados python3-rbd qemu-block-extra
 )
 
 missing=()

@@ -1,5 +1,9 @@
 using System.CommandLine;
 using Spindle.Cli.Commands;
+using Spindle.Cli.Hosting;
+
+// Backends in their own assemblies (they bring native dependencies, loaded only when an export uses them).
+BackendFactory.Register(RbdBackend.Kind, RbdBackend.Open);
 
 var root = new RootCommand("Spindle: a network block device server and client speaking NBD (fixed newstyle).")
 {

@@ -16,13 +16,16 @@ namespace Spindle.Cli.Commands;
 internal static class ServeCommand
 {
     private const string Examples = """
-        Serve a file, a block device, a sparse memory disk or the exports of a configuration file over NBD.
+        Serve a file, a block device, a Ceph RBD image, a sparse memory disk or the exports of a configuration file
+        over NBD.
 
         Examples:
           spindle serve disk.img                      serve disk.img as the default export on port 10809
           spindle serve --port 1234 /dev/sdb1         serve a block device on port 1234
           spindle serve -r --bind 127.0.0.1 disk.img  read-only, reachable from this machine only
           spindle serve --memory 1G                   a 1 GiB sparse disk in memory
+          spindle serve rbd:rbd/vm1 --rbd-conf /etc/ceph/ceph.conf --rbd-id admin
+                                                      a Ceph RBD image (pool/[namespace/]image[@snap]; docs/rbd.md)
           spindle serve --unix /run/disk.sock disk.img
           spindle serve --config /etc/spindle/config  several exports (nbd-server's format; see docs/configuration.md)
 
@@ -35,7 +38,7 @@ internal static class ServeCommand
     {
         var image = new Argument<string?>("image")
         {
-            Description = "The file or block device to serve (omit with --memory or --config).",
+            Description = "The file or block device to serve, or rbd:pool/[namespace/]image[@snapshot] for a Ceph RBD image (omit with --memory or --config).",
             Arity = ArgumentArity.ZeroOrOne,
         };
         var port = new Option<int?>("--port", "-p") { Description = "TCP port to listen on [default: 10809]." };
@@ -55,6 +58,9 @@ internal static class ServeCommand
         var memory = new Option<string?>("--memory", "-m") { Description = "Serve a sparse in-memory disk of this size (e.g. 1G) instead of a file." };
         var create = new Option<string?>("--create") { Description = "Create IMAGE, sparse, with this size if it does not exist (e.g. 10G)." };
         var config = new Option<string?>("--config", "-C") { Description = "Serve the exports of this configuration file (nbd-server's format)." };
+        var rbdConf = new Option<string?>("--rbd-conf") { Description = "With rbd:IMAGE: the ceph.conf to read [default: Ceph's search, e.g. /etc/ceph/ceph.conf]." };
+        var rbdId = new Option<string?>("--rbd-id") { Description = "With rbd:IMAGE: the cephx user, without \"client.\" [default: admin]." };
+        var rbdKeyring = new Option<string?>("--rbd-keyring") { Description = "With rbd:IMAGE: the keyring holding the user's key [default: from the ceph.conf]." };
         var noList = new Option<bool>("--no-list") { Description = "Refuse NBD_OPT_LIST (clients cannot list the exports)." };
         var handshakeTimeout = new Option<double?>("--handshake-timeout") { Description = "Seconds a client has to finish negotiating [default: 10]." };
         var shutdownTimeout = new Option<double?>("--shutdown-timeout") { Description = "Seconds a stop waits for in-flight requests [default: 10]." };
@@ -66,7 +72,7 @@ internal static class ServeCommand
 
         var command = new Command("serve", Examples)
         {
-            image, port, bind, unix, name, description, readOnly, memory, create, config, noList,
+            image, port, bind, unix, name, description, readOnly, memory, create, config, rbdConf, rbdId, rbdKeyring, noList,
             handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
         };
 
@@ -92,7 +98,8 @@ internal static class ServeCommand
             {
                 configuration = BuildConfiguration(
                     parse.GetValue(image), parse.GetValue(config), parse.GetValue(memory), parse.GetValue(create),
-                    parse.GetValue(name)!, parse.GetValue(description), parse.GetValue(readOnly));
+                    parse.GetValue(name)!, parse.GetValue(description), parse.GetValue(readOnly),
+                    RbdSettings(parse.GetValue(rbdConf), parse.GetValue(rbdId), parse.GetValue(rbdKeyring)));
                 ApplyListening(configuration, parse.GetValue(port), parse.GetValue(bind), parse.GetValue(unix));
                 if (parse.GetValue(noList))
                 {
@@ -125,8 +132,23 @@ internal static class ServeCommand
         return command;
     }
 
-    internal static ServerConfiguration BuildConfiguration(string? image, string? configFile, string? memory, string? create, string name, string? description, bool readOnly)
+    /// <summary>The positional argument's prefix that selects a Ceph RBD image instead of a file.</summary>
+    internal const string RbdPrefix = "rbd:";
+
+    internal static ServerConfiguration BuildConfiguration(string? image, string? configFile, string? memory, string? create, string name, string? description, bool readOnly,
+        IReadOnlyDictionary<string, string>? rbdSettings = null)
     {
+        var isRbd = image is not null && image.StartsWith(RbdPrefix, StringComparison.Ordinal);
+        if (rbdSettings is { Count: > 0 } && !isRbd)
+        {
+            throw new ConfigurationException("--rbd-conf, --rbd-id and --rbd-keyring apply to an rbd:pool/image argument (in a configuration file, give conf, id and keyring in the export's section)");
+        }
+
+        if (isRbd && create is not null)
+        {
+            throw new ConfigurationException("--create applies to files; create an RBD image with: rbd create --size SIZE pool/image");
+        }
+
         var sources = (image is null ? 0 : 1) + (configFile is null ? 0 : 1) + (memory is null ? 0 : 1);
         if (sources == 0)
         {
@@ -160,6 +182,16 @@ internal static class ServeCommand
         {
             configuration.Exports.Add(new ExportDefinition { Options = options, Backend = "memory", Size = SizeParser.Parse(memory, "--memory") });
         }
+        else if (isRbd)
+        {
+            var definition = new ExportDefinition { Options = options, Backend = "rbd", Location = image![RbdPrefix.Length..] };
+            foreach (var (key, value) in rbdSettings ?? new Dictionary<string, string>())
+            {
+                definition.Settings[key] = value;
+            }
+
+            configuration.Exports.Add(definition);
+        }
         else
         {
             configuration.Exports.Add(new ExportDefinition
@@ -172,6 +204,27 @@ internal static class ServeCommand
         }
 
         return configuration;
+    }
+
+    private static Dictionary<string, string> RbdSettings(string? conf, string? id, string? keyring)
+    {
+        var settings = new Dictionary<string, string>(StringComparer.Ordinal);
+        if (conf is not null)
+        {
+            settings["conf"] = conf;
+        }
+
+        if (id is not null)
+        {
+            settings["id"] = id;
+        }
+
+        if (keyring is not null)
+        {
+            settings["keyring"] = keyring;
+        }
+
+        return settings;
     }
 
     private static void ApplyListening(ServerConfiguration configuration, int? port, string[]? bind, string? unix)

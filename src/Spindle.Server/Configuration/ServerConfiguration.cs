@@ -22,6 +22,9 @@ public sealed class ExportDefinition
     /// <summary>Backend-specific keys (for example an RBD export's conf, id and keyring).</summary>
     public Dictionary<string, string> Settings { get; } = new(StringComparer.OrdinalIgnoreCase);
 
+    /// <summary>Where each of <see cref="Settings"/> was written (file:line), for error messages.</summary>
+    public Dictionary<string, string> SettingSources { get; } = new(StringComparer.OrdinalIgnoreCase);
+
     /// <summary>Where it was defined, for error messages.</summary>
     public string Source { get; set; } = "command line";
 }
@@ -94,6 +97,9 @@ public static class IniConfigurationReader
     {
         "user", "group", "max_threads", "splice", "oldstyle", "tlsprio",
     };
+
+    /// <summary>The exportname prefix that selects a Ceph RBD image.</summary>
+    public const string RbdPrefix = "rbd:";
 
     private static readonly HashSet<string> IgnoredExportKeys = new(StringComparer.OrdinalIgnoreCase)
     {
@@ -218,6 +224,17 @@ public static class IniConfigurationReader
             {
                 throw new ConfigurationException($"{definition.Source}: memory export [{definition.Options.Name}] needs 'size = ...' (for example 1G)");
             }
+
+            if (definition.Backend == "rbd" && string.IsNullOrEmpty(definition.Location))
+            {
+                throw new ConfigurationException($"{definition.Source}: rbd export [{definition.Options.Name}] needs 'exportname = rbd:pool/image' (see docs/rbd.md)");
+            }
+
+            if (definition.Backend is "file" or "memory" && definition.Settings.Count > 0)
+            {
+                var key = definition.Settings.Keys.First();
+                throw new ConfigurationException($"{definition.SettingSources[key]}: unknown export key '{key}' (see docs/configuration.md)");
+            }
         }
     }
 
@@ -287,7 +304,18 @@ public static class IniConfigurationReader
         {
             case "exportname":
             case "path":
-                export.Location = value;
+                // rbd:pool/[namespace/]image[@snapshot] names a Ceph RBD image (the same form as on the command
+                // line and in qemu); anything else is a file or device path.
+                if (value.StartsWith(RbdPrefix, StringComparison.Ordinal))
+                {
+                    export.Backend = "rbd";
+                    export.Location = value[RbdPrefix.Length..];
+                }
+                else
+                {
+                    export.Location = value;
+                }
+
                 break;
             case "backend":
                 export.Backend = value.ToLowerInvariant();
@@ -342,14 +370,12 @@ public static class IniConfigurationReader
                     break;
                 }
 
-                // Backend-specific settings (for example conf, id, keyring for rbd) are passed through.
-                if (export.Backend is not ("file" or "memory"))
-                {
-                    export.Settings[key] = value;
-                    break;
-                }
-
-                throw new ConfigurationException($"{where}: unknown export key '{key}' (see docs/configuration.md)");
+                // Backend-specific settings (for example conf, id, keyring for rbd) are passed through. Whether the
+                // backend takes any is only known once the whole section is read (the key may come before
+                // 'exportname = rbd:...'), so the check waits until then.
+                export.Settings[key] = value;
+                export.SettingSources[key] = where;
+                break;
         }
     }
 

@@ -1,0 +1,109 @@
+using System.Globalization;
+
+namespace Spindle.Storage.Rbd;
+
+/// <summary>How to reach an RBD image: the cluster (configuration, identity, key) and the image itself.</summary>
+public sealed class RbdOptions
+{
+    /// <summary>The default for <see cref="ConnectTimeout"/>.</summary>
+    public static readonly TimeSpan DefaultConnectTimeout = TimeSpan.FromSeconds(15);
+
+    public RbdOptions(RbdImageSpec image)
+    {
+        ArgumentNullException.ThrowIfNull(image);
+        Image = image;
+    }
+
+    /// <summary>The image (and snapshot) to open.</summary>
+    public RbdImageSpec Image { get; set; }
+
+    /// <summary>
+    /// The ceph.conf to read. Null: Ceph's own search ($CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config,
+    /// ./ceph.conf), and no file at all is fine when <c>mon_host</c> is given in <see cref="CephOptions"/>.
+    /// </summary>
+    public string? ConfigFile { get; set; }
+
+    /// <summary>The cephx user without the <c>client.</c> prefix. Default: <c>admin</c>, as for the ceph tools.</summary>
+    public string ClientId { get; set; } = "admin";
+
+    /// <summary>The keyring holding the user's key. Null: the ceph.conf's <c>keyring</c> or Ceph's default paths.</summary>
+    public string? Keyring { get; set; }
+
+    /// <summary>The cluster name (selects /etc/ceph/NAME.conf in Ceph's search). Default: <c>ceph</c>.</summary>
+    public string ClusterName { get; set; } = "ceph";
+
+    /// <summary>Open the image read-only (no header watch, no lock). Snapshots are always read-only.</summary>
+    public bool ReadOnly { get; set; }
+
+    /// <summary>
+    /// How long connecting to the monitors and opening the image may take before failing. Default: 15 s. Applied
+    /// as Ceph's <c>client_mount_timeout</c> and as a bound on the open itself.
+    /// </summary>
+    public TimeSpan ConnectTimeout { get; set; } = DefaultConnectTimeout;
+
+    /// <summary>
+    /// Ceph configuration options set after the configuration file is read (for example <c>mon_host</c>,
+    /// <c>rbd_cache</c>). Ceph validates the names: an unknown one fails the open.
+    /// </summary>
+    /// <remarks>Spindle sets <c>rbd_cache = false</c> unless it is given here; see docs/rbd.md.</remarks>
+    public Dictionary<string, string> CephOptions { get; } = new(StringComparer.Ordinal);
+
+    /// <summary>
+    /// Builds options from an image specification (qemu's <c>pool/image[@snap][:key=value...]</c> form is accepted)
+    /// and settings such as a configuration file or command line give them. Keys <c>conf</c>, <c>id</c>,
+    /// <c>keyring</c>, <c>cluster</c> and <c>connect_timeout</c> (seconds) are Spindle's; any other key is a Ceph
+    /// option. Settings override options written inline.
+    /// </summary>
+    /// <exception cref="FormatException">The specification or a setting is malformed.</exception>
+    public static RbdOptions Create(string location, IEnumerable<KeyValuePair<string, string>> settings, bool readOnly)
+    {
+        ArgumentNullException.ThrowIfNull(settings);
+        var (image, inline) = RbdImageSpec.ParseWithOptions(location);
+        var options = new RbdOptions(image) { ReadOnly = readOnly };
+        foreach (var (key, value) in inline.Concat(settings))
+        {
+            options.Set(key, value);
+        }
+
+        return options;
+    }
+
+    /// <summary>Applies one <c>key=value</c> setting (see <see cref="Create"/>).</summary>
+    /// <exception cref="FormatException">The value is not valid for the key.</exception>
+    public void Set(string key, string value)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(key);
+        ArgumentNullException.ThrowIfNull(value);
+        switch (key.ToLowerInvariant())
+        {
+            case "conf":
+                ConfigFile = value;
+                break;
+            case "id":
+                ClientId = value.StartsWith("client.", StringComparison.Ordinal) ? value["client.".Length..] : value;
+                if (ClientId.Length == 0)
+                {
+                    throw new FormatException("id must name a cephx user (for example admin)");
+                }
+
+                break;
+            case "keyring":
+                Keyring = value;
+                break;
+            case "cluster":
+                ClusterName = value;
+                break;
+            case "connect_timeout":
+                if (!double.TryParse(value, NumberStyles.Float, CultureInfo.InvariantCulture, out var seconds) || seconds is <= 0 or > 3600)
+                {
+                    throw new FormatException($"connect_timeout must be a number of seconds from 0 to 3600, not '{value}'");
+                }
+
+                ConnectTimeout = TimeSpan.FromSeconds(seconds);
+                break;
+            default:
+                CephOptions[key] = value;
+                break;
+        }
+    }
+}
