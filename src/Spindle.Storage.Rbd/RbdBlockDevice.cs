@@ -50,6 +50,9 @@ public sealed partial class RbdBlockDevice : BlockDevice
 
     public override string Description => _description;
 
+    /// <summary>Reads, writes, flushes, discards and zeroing are rbd_aio_* calls that only queue the work.</summary>
+    public override bool SubmitsWithoutBlocking => true;
+
     public override BlockDeviceFeatures Features =>
         BlockDeviceFeatures.Flush | BlockDeviceFeatures.Extents | BlockDeviceFeatures.SharedCache |
         (_readOnly

@@ -107,6 +107,13 @@ public abstract class BlockDevice : IAsyncDisposable
     /// </summary>
     public virtual bool TryWriteImmediate(long offset, ReadOnlySpan<byte> source) => false;
 
+    /// <summary>
+    /// True when every asynchronous operation only queues the work and returns at once (a backend with its own
+    /// asynchronous I/O, such as librbd's aio calls). The server then calls them on the connection's own thread
+    /// instead of paying for a hop to the thread pool. Default: false (operations may block the calling thread).
+    /// </summary>
+    public virtual bool SubmitsWithoutBlocking => false;
+
     /// <summary>Makes every completed write durable.</summary>
     public virtual ValueTask FlushAsync(CancellationToken cancellationToken) => throw Unsupported("FLUSH");
 

@@ -368,6 +368,7 @@ internal static class ServeCommand
         private readonly PosixSignalRegistration _interrupt;
         private readonly PosixSignalRegistration _terminate;
         private readonly ILogger _logger;
+        private long _first;
 
         public ShutdownSignal(ILogger logger)
         {
@@ -387,11 +388,22 @@ internal static class ServeCommand
         private void Handle(PosixSignalContext context)
         {
             context.Cancel = true;
-            if (!_signalled.TrySetResult())
+            var now = Environment.TickCount64;
+            if (_signalled.TrySetResult())
             {
-                _logger.LogWarning("Second {Signal}: exiting without waiting", context.Signal);
-                Environment.Exit(130);
+                _first = now;
+                return;
             }
+
+            // timeout(1) and some supervisors signal both the process and its group: a duplicate within a second is
+            // the same request, not a user insisting.
+            if (now - _first < 1000)
+            {
+                return;
+            }
+
+            _logger.LogWarning("Second {Signal}: exiting without waiting", context.Signal);
+            Environment.Exit(130);
         }
     }
 }

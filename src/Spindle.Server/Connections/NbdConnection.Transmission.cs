@@ -166,7 +166,15 @@ internal sealed partial class NbdConnection
 
             if (!TryExecuteImmediately(work, device))
             {
-                ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
+                if (device.SubmitsWithoutBlocking && request.Command != NbdCommand.BlockStatus && request.Command != NbdCommand.Cache)
+                {
+                    // The backend only queues the work: submit it from here; its completion sends the reply.
+                    Execute(work);
+                }
+                else
+                {
+                    ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
+                }
             }
         }
     }
