@@ -116,9 +116,14 @@ public sealed class RawNbdClient : IAsyncDisposable
     }
 
     /// <summary>Negotiates the usual way (structured replies, base:allocation, GO) and returns the export's size and flags.</summary>
-    public async Task<(ulong Size, TransmissionFlags Flags)> NegotiateAsync(string export = "", bool structured = true, bool blockStatus = true)
+    /// <remarks>With <paramref name="start"/> false the greeting was already handled (for example before STARTTLS).</remarks>
+    public async Task<(ulong Size, TransmissionFlags Flags)> NegotiateAsync(string export = "", bool structured = true, bool blockStatus = true, bool start = true)
     {
-        await StartAsync();
+        if (start)
+        {
+            await StartAsync();
+        }
+
         if (structured)
         {
             await SendOptionAsync(NbdOption.StructuredReply);

@@ -8,6 +8,7 @@ using Spindle.Protocol;
 using Spindle.Server;
 using Spindle.Server.Configuration;
 using Spindle.Server.Exports;
+using Spindle.Server.Security;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;
@@ -28,10 +29,12 @@ internal static class ServeCommand
                                                       a Ceph RBD image (pool/[namespace/]image[@snap]; docs/rbd.md)
           spindle serve --unix /run/disk.sock disk.img
           spindle serve --config /etc/spindle/config  several exports (nbd-server's format; see docs/configuration.md)
+          spindle serve --tls-certificates /etc/spindle/tls --tls require disk.img   TLS only
 
         Clients: nbdinfo nbd://HOST, qemu-img info nbd://HOST:10809/NAME, nbd-client HOST /dev/nbd0.
         By default Spindle listens on every interface ([::] and 0.0.0.0) with no authentication: use --bind
-        to restrict it. SIGINT or SIGTERM stops it gracefully (in-flight requests answered, data flushed).
+        to restrict it, --tls-certificates DIR for TLS (scripts/make-certs.sh DIR), allow lists in a config file.
+        SIGINT or SIGTERM stops it gracefully (in-flight requests answered, data flushed).
         """;
 
     public static Command Create()
@@ -62,6 +65,13 @@ internal static class ServeCommand
         var rbdId = new Option<string?>("--rbd-id") { Description = "With rbd:IMAGE: the cephx user, without \"client.\" [default: admin]." };
         var rbdKeyring = new Option<string?>("--rbd-keyring") { Description = "With rbd:IMAGE: the keyring holding the user's key [default: from the ceph.conf]." };
         var noList = new Option<bool>("--no-list") { Description = "Refuse NBD_OPT_LIST (clients cannot list the exports)." };
+        var tlsCertificates = new Option<string?>("--tls-certificates")
+        {
+            Description = "Serve TLS with DIR/server-cert.pem and DIR/server-key.pem (DIR/ca-cert.pem checks client certificates). scripts/make-certs.sh DIR makes them.",
+        };
+        var tls = new Option<string?>("--tls") { Description = "off, on (offered) or require (nothing but STARTTLS before TLS) [default: on with --tls-certificates]." };
+        var tlsVerifyPeer = new Option<bool>("--tls-verify-peer") { Description = "Require a client certificate signed by DIR/ca-cert.pem." };
+        var idleTimeout = new Option<double?>("--idle-timeout") { Description = "Close connections idle (nothing in flight) for this many seconds [default: never]." };
         var handshakeTimeout = new Option<double?>("--handshake-timeout") { Description = "Seconds a client has to finish negotiating [default: 10]." };
         var shutdownTimeout = new Option<double?>("--shutdown-timeout") { Description = "Seconds a stop waits for in-flight requests [default: 10]." };
         var maxConnections = new Option<int?>("--max-connections") { Description = "Simultaneous connections allowed [default: 1024]." };
@@ -73,7 +83,7 @@ internal static class ServeCommand
         var command = new Command("serve", Examples)
         {
             image, port, bind, unix, name, description, readOnly, memory, create, config, rbdConf, rbdId, rbdKeyring, noList,
-            handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
+            tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
         };
 
         command.SetAction(async (parse, cancellationToken) =>
@@ -115,6 +125,37 @@ internal static class ServeCommand
                 {
                     configuration.Server.ShutdownTimeout = TimeSpan.FromSeconds(shutdown);
                 }
+
+                if (parse.GetValue(tlsCertificates) is { } certificates)
+                {
+                    configuration.Tls ??= new TlsSettings();
+                    configuration.Tls.CertificateDirectory = certificates;
+                }
+
+                if (parse.GetValue(tls) is { } tlsMode)
+                {
+                    configuration.Tls ??= new TlsSettings();
+                    configuration.Tls.Mode = tlsMode.ToLowerInvariant() switch
+                    {
+                        "off" => TlsMode.Off,
+                        "on" => TlsMode.On,
+                        "require" => TlsMode.Require,
+                        _ => throw new ConfigurationException($"--tls must be off, on or require, not '{tlsMode}'"),
+                    };
+                }
+
+                if (parse.GetValue(tlsVerifyPeer))
+                {
+                    configuration.Tls ??= new TlsSettings();
+                    configuration.Tls.VerifyPeer = true;
+                }
+
+                if (parse.GetValue(idleTimeout) is { } idle)
+                {
+                    configuration.Server.IdleTimeout = idle > 0 ? TimeSpan.FromSeconds(idle) : null;
+                }
+
+                configuration.LoadTls();
 
                 if (parse.GetValue(maxConnections) is { } connections)
                 {

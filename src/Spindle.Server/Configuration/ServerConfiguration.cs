@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Net;
 using Spindle.Protocol;
 using Spindle.Server.Exports;
+using Spindle.Server.Security;
 
 namespace Spindle.Server.Configuration;
 
@@ -29,6 +30,75 @@ public sealed class ExportDefinition
     public string Source { get; set; } = "command line";
 }
 
+/// <summary>Where the server's certificates are and how TLS is used, before they are loaded.</summary>
+public sealed class TlsSettings
+{
+    /// <summary>A directory with server-cert.pem, server-key.pem and optionally ca-cert.pem (nbdkit/qemu/libnbd layout).</summary>
+    public string? CertificateDirectory { get; set; }
+
+    /// <summary>nbd-server's certfile, keyfile and cacertfile, used instead of (or over) the directory.</summary>
+    public string? CertificateFile { get; set; }
+
+    public string? KeyFile { get; set; }
+
+    public string? CaFile { get; set; }
+
+    /// <summary>Server-wide mode; default <see cref="TlsMode.On"/> once certificates are configured.</summary>
+    public TlsMode Mode { get; set; } = TlsMode.On;
+
+    /// <summary>Require a client certificate signed by the CA from every client.</summary>
+    public bool VerifyPeer { get; set; }
+
+    public TlsOptions Load()
+    {
+        var directory = CertificateDirectory is null ? null : Path.GetFullPath(CertificateDirectory);
+        var certificate = CertificateFile ?? (directory is null ? null : Path.Combine(directory, "server-cert.pem"));
+        var key = KeyFile ?? (directory is null ? null : Path.Combine(directory, "server-key.pem"));
+        var ca = CaFile ?? (directory is null ? null : Path.Combine(directory, "ca-cert.pem"));
+        if (certificate is null || key is null)
+        {
+            throw new ConfigurationException("TLS needs a certificate and its key: tls_certificates = DIR (with server-cert.pem and server-key.pem), or certfile and keyfile");
+        }
+
+        foreach (var file in new[] { certificate, key })
+        {
+            if (!File.Exists(file))
+            {
+                throw new ConfigurationException($"TLS: {file} does not exist (scripts/make-certs.sh DIR makes a CA, server and client certificates)");
+            }
+        }
+
+        if (VerifyPeer && (ca is null || !File.Exists(ca)))
+        {
+            throw new ConfigurationException($"TLS: client certificates are required but there is no CA to check them against ({ca ?? "cacertfile"})");
+        }
+
+        try
+        {
+            var (serverCertificate, chain) = TlsOptions.LoadCertificate(certificate, key);
+            System.Security.Cryptography.X509Certificates.X509Certificate2Collection? authorities = null;
+            if (ca is not null && File.Exists(ca))
+            {
+                authorities = [];
+                authorities.ImportFromPemFile(ca);
+            }
+
+            return new TlsOptions
+            {
+                Certificate = serverCertificate,
+                Chain = chain,
+                ClientCertificateAuthorities = authorities,
+                RequireClientCertificate = VerifyPeer,
+                Mode = Mode,
+            };
+        }
+        catch (Exception exception) when (exception is System.Security.Cryptography.CryptographicException or InvalidDataException or IOException)
+        {
+            throw new ConfigurationException($"TLS: cannot load {certificate} with {key}: {exception.Message}");
+        }
+    }
+}
+
 /// <summary>A whole server configuration: server options plus export definitions.</summary>
 public sealed class ServerConfiguration
 {
@@ -41,6 +111,26 @@ public sealed class ServerConfiguration
 
     /// <summary>Notes about keys that were accepted but have no effect (for example nbd-server's <c>user</c>).</summary>
     public List<string> Warnings { get; } = [];
+
+    /// <summary>TLS settings from [generic] (or the command line), loaded into <see cref="ServerOptions.Tls"/> by <see cref="LoadTls"/>.</summary>
+    public TlsSettings? Tls { get; set; }
+
+    /// <summary>Loads the certificates named by <see cref="Tls"/> into the server options; a clear error if they cannot be used.</summary>
+    public void LoadTls()
+    {
+        if (Tls is null || Tls.Mode == TlsMode.Off)
+        {
+            Server.Tls = null;
+            if (Exports.Any(e => e.Options.Tls == TlsMode.Require))
+            {
+                throw new ConfigurationException("an export requires TLS but no certificate is configured (tls_certificates = DIR, or certfile and keyfile)");
+            }
+
+            return;
+        }
+
+        Server.Tls = Tls.Load();
+    }
 
     /// <summary>[generic] port; default 10809.</summary>
     public int? Port { get; set; }
@@ -273,6 +363,35 @@ public static class IniConfigurationReader
             case "shutdown_timeout":
                 server.ShutdownTimeout = TimeSpan.FromSeconds(ParseInt(value, where, key, 0, 3600));
                 break;
+            case "tls_certificates":
+                Tls(configuration).CertificateDirectory = ResolvePath(value, directory);
+                break;
+            case "certfile":
+                Tls(configuration).CertificateFile = ResolvePath(value, directory);
+                break;
+            case "keyfile":
+                Tls(configuration).KeyFile = ResolvePath(value, directory);
+                break;
+            case "cacertfile":
+                Tls(configuration).CaFile = ResolvePath(value, directory);
+                break;
+            case "force_tls":
+                if (ParseBool(value, where, key))
+                {
+                    Tls(configuration).Mode = TlsMode.Require;
+                }
+
+                break;
+            case "tls":
+                Tls(configuration).Mode = ParseTlsMode(value, where, key);
+                break;
+            case "tls_verify_peer":
+                Tls(configuration).VerifyPeer = ParseBool(value, where, key);
+                break;
+            case "idle_timeout":
+                var idle = ParseInt(value, where, key, 0, 86400 * 365);
+                server.IdleTimeout = idle == 0 ? null : TimeSpan.FromSeconds(idle);
+                break;
             case "includedir":
                 var included = Path.IsPathRooted(value) ? value : Path.Combine(directory, value);
                 if (!Directory.Exists(included))
@@ -346,6 +465,27 @@ public static class IniConfigurationReader
             case "multiconn":
                 options.MultiConn = ParseBool(value, where, key);
                 break;
+            case "force_tls":
+                options.Tls = ParseBool(value, where, key) ? TlsMode.Require : null;
+                break;
+            case "tls":
+                options.Tls = ParseTlsMode(value, where, key);
+                break;
+            case "authfile":
+                var authfile = ExportAccess.FromAuthFile(value, where);
+                options.Access = authfile is null ? options.Access : Merge(options.Access, authfile.Addresses, authfile.AllowUnix, null);
+                break;
+            case "allow":
+                var (rules, unix) = ExportAccess.ParseAddresses(value.Split(',', StringSplitOptions.TrimEntries), where);
+                options.Access = Merge(options.Access, rules, unix, null);
+                break;
+            case "allow_identities":
+                options.Access = Merge(options.Access, null, false, value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries));
+                break;
+            case "maxconnections":
+            case "max_connections":
+                options.MaxConnections = ParseInt(value, where, key, 1, int.MaxValue);
+                break;
             case "minblocksize":
             case "preferredblocksize":
             case "maxblocksize":
@@ -378,6 +518,26 @@ public static class IniConfigurationReader
                 break;
         }
     }
+
+    private static TlsSettings Tls(ServerConfiguration configuration) => configuration.Tls ??= new TlsSettings();
+
+    private static string ResolvePath(string value, string directory) => Path.IsPathRooted(value) ? value : Path.Combine(directory, value);
+
+    private static TlsMode ParseTlsMode(string value, string where, string key) => value.ToLowerInvariant() switch
+    {
+        "off" or "false" or "no" => TlsMode.Off,
+        "on" or "true" or "yes" => TlsMode.On,
+        "require" or "required" => TlsMode.Require,
+        _ => throw new ConfigurationException($"{where}: '{key}' must be off, on or require, not '{value}'"),
+    };
+
+    /// <summary>Adds address rules or identities to an export's access rules (several keys may contribute).</summary>
+    private static ExportAccess Merge(ExportAccess? access, IReadOnlyList<AddressRule>? addresses, bool allowUnix, IReadOnlyList<string>? identities) => new()
+    {
+        Addresses = addresses is null ? access?.Addresses : [.. access?.Addresses ?? [], .. addresses],
+        AllowUnix = (access?.AllowUnix ?? false) || allowUnix,
+        Identities = identities is null ? access?.Identities : [.. access?.Identities ?? [], .. identities],
+    };
 
     private static bool ParseBool(string value, string where, string key) => value.ToLowerInvariant() switch
     {

@@ -525,8 +525,9 @@ internal sealed partial class NbdConnection
                 await stream.AuthenticateAsServerAsync(options, cancellationToken).ConfigureAwait(false);
             }
         }
-        catch (Exception exception) when (exception is AuthenticationException or IOException or Win32Exception)
+        catch (Exception exception) when (exception is AuthenticationException or IOException or Win32Exception && !cancellationToken.IsCancellationRequested)
         {
+            // (A handshake cut by the negotiation deadline or a stop is reported as such by the caller instead.)
             await stream.DisposeAsync().ConfigureAwait(false);
             ServerLog.TlsFailed(_logger, Id, Peer, exception.Message);
             return NegotiationOutcome.Refused;
