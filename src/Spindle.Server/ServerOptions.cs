@@ -23,6 +23,9 @@ public abstract record ListenEndpoint
     public static ListenEndpoint AnyAddress(int port = NbdLimits.DefaultPort) => new Tcp(IPAddress.IPv6Any, port);
 }
 
+/// <summary>A session name given to the clients that an address rule matches.</summary>
+public sealed record SessionName(string Name, ExportAccess Clients);
+
 /// <summary>Server-wide settings. Each default is stated on its property.</summary>
 public sealed class ServerOptions
 {
@@ -91,6 +94,12 @@ public sealed class ServerOptions
     /// asynchronous sockets (fewer threads for very many idle connections).
     /// </summary>
     public bool BlockingSockets { get; set; } = true;
+
+    /// <summary>
+    /// Session names for clients without a TLS identity, by address (the first match wins): what
+    /// <c>%SESSNAME%</c> in a directory export becomes. A TLS client's session name is its certificate's common name.
+    /// </summary>
+    public IList<SessionName> SessionNames { get; } = [];
 
     /// <summary>TLS settings; null (the default) serves without TLS (NOTLS mode).</summary>
     public TlsOptions? Tls { get; set; }

@@ -108,6 +108,24 @@ public sealed class FileBlockDevice : BlockDevice
         }
     }
 
+    /// <summary>
+    /// Serves a file the caller already opened (for example with openat2 confined beneath a directory).
+    /// <paramref name="path"/> is only for messages. The device owns the handle from then on.
+    /// </summary>
+    public static FileBlockDevice FromHandle(SafeFileHandle handle, string path, bool readOnly)
+    {
+        ArgumentNullException.ThrowIfNull(handle);
+        var isBlockDevice = LinuxFile.IsBlockDevice(handle);
+        var size = LinuxFile.Seek(handle, 0, LinuxFile.SeekEnd);
+        if (size < 0)
+        {
+            handle.Dispose();
+            throw new IOException($"cannot determine the size of '{path}' (errno {-size})");
+        }
+
+        return new FileBlockDevice(handle, path, size, readOnly, isBlockDevice);
+    }
+
     public override ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken)
     {
         var span = destination.Span;

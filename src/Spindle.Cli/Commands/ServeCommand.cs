@@ -71,6 +71,11 @@ internal static class ServeCommand
         };
         var tls = new Option<string?>("--tls") { Description = "off, on (offered) or require (nothing but STARTTLS before TLS) [default: on with --tls-certificates]." };
         var tlsVerifyPeer = new Option<bool>("--tls-verify-peer") { Description = "Require a client certificate signed by DIR/ca-cert.pem." };
+        var directory = new Option<string?>("--dir")
+        {
+            Description = "Serve every image below DIR by its relative name, opened on demand; DIR may contain %SESSNAME% (the client's TLS identity or --session name).",
+        };
+        var sessions = new Option<string[]>("--session") { Description = "NAME=ADDRESS[/PREFIX]: the session name of clients from there (repeatable)." };
         var idleTimeout = new Option<double?>("--idle-timeout") { Description = "Close connections idle (nothing in flight) for this many seconds [default: never]." };
         var handshakeTimeout = new Option<double?>("--handshake-timeout") { Description = "Seconds a client has to finish negotiating [default: 10]." };
         var shutdownTimeout = new Option<double?>("--shutdown-timeout") { Description = "Seconds a stop waits for in-flight requests [default: 10]." };
@@ -83,7 +88,7 @@ internal static class ServeCommand
         var command = new Command("serve", Examples)
         {
             image, port, bind, unix, name, description, readOnly, memory, create, config, rbdConf, rbdId, rbdKeyring, noList,
-            tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
+            directory, sessions, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
         };
 
         command.SetAction(async (parse, cancellationToken) =>
@@ -109,7 +114,11 @@ internal static class ServeCommand
                 configuration = BuildConfiguration(
                     parse.GetValue(image), parse.GetValue(config), parse.GetValue(memory), parse.GetValue(create),
                     parse.GetValue(name)!, parse.GetValue(description), parse.GetValue(readOnly),
-                    RbdSettings(parse.GetValue(rbdConf), parse.GetValue(rbdId), parse.GetValue(rbdKeyring)));
+                    RbdSettings(parse.GetValue(rbdConf), parse.GetValue(rbdId), parse.GetValue(rbdKeyring)), parse.GetValue(directory));
+                foreach (var session in parse.GetValue(sessions) ?? [])
+                {
+                    configuration.Server.SessionNames.Add(IniConfigurationReader.ParseSessionName(session, "--session"));
+                }
                 ApplyListening(configuration, parse.GetValue(port), parse.GetValue(bind), parse.GetValue(unix));
                 if (parse.GetValue(noList))
                 {
@@ -177,7 +186,7 @@ internal static class ServeCommand
     internal const string RbdPrefix = "rbd:";
 
     internal static ServerConfiguration BuildConfiguration(string? image, string? configFile, string? memory, string? create, string name, string? description, bool readOnly,
-        IReadOnlyDictionary<string, string>? rbdSettings = null)
+        IReadOnlyDictionary<string, string>? rbdSettings = null, string? directory = null)
     {
         var isRbd = image is not null && image.StartsWith(RbdPrefix, StringComparison.Ordinal);
         if (rbdSettings is { Count: > 0 } && !isRbd)
@@ -190,15 +199,15 @@ internal static class ServeCommand
             throw new ConfigurationException("--create applies to files; create an RBD image with: rbd create --size SIZE pool/image");
         }
 
-        var sources = (image is null ? 0 : 1) + (configFile is null ? 0 : 1) + (memory is null ? 0 : 1);
+        var sources = (image is null ? 0 : 1) + (configFile is null ? 0 : 1) + (memory is null ? 0 : 1) + (directory is null ? 0 : 1);
         if (sources == 0)
         {
-            throw new ConfigurationException("nothing to serve: give a file or device, --memory SIZE, or --config FILE (see spindle serve --help)");
+            throw new ConfigurationException("nothing to serve: give a file or device, --memory SIZE, --dir DIR, or --config FILE (see spindle serve --help)");
         }
 
         if (sources > 1)
         {
-            throw new ConfigurationException("give only one of: a file or device, --memory, --config");
+            throw new ConfigurationException("give only one of: a file or device, --memory, --dir, --config");
         }
 
         if (configFile is not null)
@@ -222,6 +231,10 @@ internal static class ServeCommand
         if (memory is not null)
         {
             configuration.Exports.Add(new ExportDefinition { Options = options, Backend = "memory", Size = SizeParser.Parse(memory, "--memory") });
+        }
+        else if (directory is not null)
+        {
+            configuration.Exports.Add(new ExportDefinition { Options = options, Backend = "directory", Location = directory, Prefix = name.Trim('/') });
         }
         else if (isRbd)
         {
@@ -328,6 +341,25 @@ internal static class ServeCommand
         {
             foreach (var definition in configuration.Exports)
             {
+                if (definition.Backend == "directory")
+                {
+                    try
+                    {
+                        catalog.Add(new DirectoryExportProvider(new DirectoryExportOptions
+                        {
+                            Root = definition.Location!,
+                            Prefix = definition.Prefix ?? definition.Options.Name,
+                            Template = definition.Options,
+                        }));
+                    }
+                    catch (DirectoryNotFoundException exception)
+                    {
+                        return CliErrors.Fail(exception.Message);
+                    }
+
+                    continue;
+                }
+
                 BlockDevice device;
                 try
                 {
@@ -369,7 +401,14 @@ internal static class ServeCommand
             logger.LogInformation("Serving export {Export}", export.ToString());
         }
 
-        var uris = server.LocalEndPoints.SelectMany(endpoint => catalog.Exports.Select(export => UriFor(endpoint, export.Name))).ToList();
+        foreach (var served in catalog.Directories)
+        {
+            logger.LogInformation("Serving the images below {Root} as '{Prefix}<relative path>'{ReadOnly}", served.Options.Root, served.Options.Prefix.Length == 0 ? string.Empty : served.Options.Prefix + "/", served.Options.Template.ReadOnly ? ", read-only" : string.Empty);
+        }
+
+        // With only directories served, the URI names the server; clients add an image's relative path.
+        var names = catalog.Exports.Count > 0 ? catalog.Exports.Select(export => export.Name).ToList() : [string.Empty];
+        var uris = server.LocalEndPoints.SelectMany(endpoint => names.Select(name => UriFor(endpoint, name))).ToList();
         foreach (var uri in uris)
         {
             logger.LogInformation("Clients connect to {Uri}", uri);

@@ -26,6 +26,9 @@ public sealed class ExportDefinition
     /// <summary>Where each of <see cref="Settings"/> was written (file:line), for error messages.</summary>
     public Dictionary<string, string> SettingSources { get; } = new(StringComparer.OrdinalIgnoreCase);
 
+    /// <summary>For "directory": the prefix of its export names (default: the section name).</summary>
+    public string? Prefix { get; set; }
+
     /// <summary>Where it was defined, for error messages.</summary>
     public string Source { get; set; } = "command line";
 }
@@ -320,7 +323,12 @@ public static class IniConfigurationReader
                 throw new ConfigurationException($"{definition.Source}: rbd export [{definition.Options.Name}] needs 'exportname = rbd:pool/image' (see docs/rbd.md)");
             }
 
-            if (definition.Backend is "file" or "memory" && definition.Settings.Count > 0)
+            if (definition.Backend == "directory" && string.IsNullOrEmpty(definition.Location))
+            {
+                throw new ConfigurationException($"{definition.Source}: directory export [{definition.Options.Name}] needs 'path = /srv/disks' (which may contain %SESSNAME%)");
+            }
+
+            if (definition.Backend is "file" or "memory" or "directory" && definition.Settings.Count > 0)
             {
                 var key = definition.Settings.Keys.First();
                 throw new ConfigurationException($"{definition.SettingSources[key]}: unknown export key '{key}' (see docs/configuration.md)");
@@ -387,6 +395,13 @@ public static class IniConfigurationReader
                 break;
             case "tls_verify_peer":
                 Tls(configuration).VerifyPeer = ParseBool(value, where, key);
+                break;
+            case "session_names":
+                foreach (var entry in value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
+                {
+                    server.SessionNames.Add(ParseSessionName(entry, where));
+                }
+
                 break;
             case "idle_timeout":
                 var idle = ParseInt(value, where, key, 0, 86400 * 365);
@@ -465,6 +480,9 @@ public static class IniConfigurationReader
             case "multiconn":
                 options.MultiConn = ParseBool(value, where, key);
                 break;
+            case "prefix":
+                export.Prefix = value.Trim('/');
+                break;
             case "force_tls":
                 options.Tls = ParseBool(value, where, key) ? TlsMode.Require : null;
                 break;
@@ -517,6 +535,25 @@ public static class IniConfigurationReader
                 export.SettingSources[key] = where;
                 break;
         }
+    }
+
+    /// <summary>Parses <c>NAME=ADDRESS[/PREFIX]</c> (or <c>NAME=unix</c>): the session name given to clients from there.</summary>
+    public static SessionName ParseSessionName(string entry, string where)
+    {
+        var equals = entry.IndexOf('=', StringComparison.Ordinal);
+        if (equals <= 0)
+        {
+            throw new ConfigurationException($"{where}: session name '{entry}' must be NAME=ADDRESS (for example alice=10.0.0.5 or ops=10.1.0.0/16)");
+        }
+
+        var name = entry[..equals].Trim();
+        if (!DirectoryExportProvider.IsSafeSessionName(name, out var problem))
+        {
+            throw new ConfigurationException($"{where}: {problem}");
+        }
+
+        var (rules, unix) = ExportAccess.ParseAddresses([entry[(equals + 1)..]], where);
+        return new SessionName(name, new ExportAccess { Addresses = rules, AllowUnix = unix });
     }
 
     private static TlsSettings Tls(ServerConfiguration configuration) => configuration.Tls ??= new TlsSettings();

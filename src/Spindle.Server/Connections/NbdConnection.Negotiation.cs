@@ -41,6 +41,7 @@ internal sealed partial class NbdConnection
     private int _optionCount;
     private Export? _export;
     private string _requestedName = string.Empty;
+    private readonly List<(Export Export, DirectoryExportProvider Directory)> _dynamic = [];
     private bool _fixedNewstyle;
     private bool _tlsActive;
     private ClientIdentity? _identity;
@@ -251,6 +252,7 @@ internal sealed partial class NbdConnection
         var (export, refusal, reason) = Resolve(name);
         if (export is null || !export.TryConnect())
         {
+            ReleaseIfDynamic(export);
             reason = export is null ? reason : $"export '{export.Name}' already has its {export.Options.MaxConnections} connections";
             ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", export is null ? refusal : OptionReplyType.ErrorPolicy, reason + "; closing, as EXPORT_NAME cannot report errors");
             return NegotiationOutcome.Refused;
@@ -280,9 +282,21 @@ internal sealed partial class NbdConnection
         // TLS-only exports before TLS, and exports this client may not use, are not listed.
         foreach (var export in _server.Catalog.Exports)
         {
-            if (IsVisible(export) && IsAllowed(export, out _))
+            if (IsVisible(export.Options) && IsAllowed(export.Options, out _))
             {
                 WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(export.Name, export.Options.Description));
+            }
+        }
+
+        foreach (var directory in _server.Catalog.Directories)
+        {
+            var template = directory.Options.Template;
+            if (IsVisible(template) && IsAllowed(template, out _))
+            {
+                foreach (var name in directory.List(SessionName))
+                {
+                    WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(name, template.Description));
+                }
             }
         }
 
@@ -324,6 +338,7 @@ internal sealed partial class NbdConnection
 
         if (option == NbdOption.Go && !export.TryConnect())
         {
+            ReleaseIfDynamic(export);
             WriteError(option, OptionReplyType.ErrorPolicy, $"export '{export.Name}' already has its {export.Options.MaxConnections} connections");
             return null;
         }
@@ -354,6 +369,8 @@ internal sealed partial class NbdConnection
             return NegotiationOutcome.Transmission;
         }
 
+        // INFO only looked: an image opened from a directory for it is given back.
+        ReleaseIfDynamic(export);
         return null;
     }
 
@@ -386,6 +403,8 @@ internal sealed partial class NbdConnection
             WriteError(option, refusal == OptionReplyType.ErrorTlsRequired ? OptionReplyType.ErrorUnknown : refusal, reason);
             return;
         }
+
+        ReleaseIfDynamic(export);
 
         var matchesAllocation = !set && request.Queries.Count == 0;
         foreach (var query in request.Queries)
@@ -438,20 +457,18 @@ internal sealed partial class NbdConnection
     /// </summary>
     private (Export? Export, OptionReplyType Refusal, string Reason) Resolve(string name)
     {
-        var hidingUnknown = !_tlsActive && TlsMode == TlsMode.On && _server.Catalog.Exports.Any(RequiresTls);
+        var hidingUnknown = !_tlsActive && TlsMode == TlsMode.On && (_server.Catalog.Exports.Any(e => RequiresTls(e.Options)) || _server.Catalog.Directories.Any(d => RequiresTls(d.Options.Template)));
         if (!_server.Catalog.TryGet(name, out var export))
         {
-            return hidingUnknown
-                ? (null, OptionReplyType.ErrorTlsRequired, $"export '{name}' needs TLS or does not exist")
-                : (null, OptionReplyType.ErrorUnknown, $"no export named '{name}'");
+            return ResolveInDirectories(name, hidingUnknown);
         }
 
-        if (!IsVisible(export))
+        if (!IsVisible(export.Options))
         {
             return (null, OptionReplyType.ErrorTlsRequired, $"export '{name}' needs TLS or does not exist");
         }
 
-        if (!IsAllowed(export, out var rule))
+        if (!IsAllowed(export.Options, out var rule))
         {
             return (null, OptionReplyType.ErrorPolicy, $"export '{export.Name}' refused by its {rule}");
         }
@@ -459,13 +476,91 @@ internal sealed partial class NbdConnection
         return (export, default, string.Empty);
     }
 
-    private bool RequiresTls(Export export) => TlsMode == TlsMode.Require || (export.Options.Tls ?? TlsMode.Off) == TlsMode.Require;
-
-    private bool IsVisible(Export export) => _tlsActive || !RequiresTls(export);
-
-    private bool IsAllowed(Export export, out string rule)
+    /// <summary>
+    /// Looks a name up in the directory exports. An image found there holds a reference until
+    /// <see cref="ReleaseIfDynamic"/>; names that are not safe paths are refused before the file system is touched.
+    /// </summary>
+    private (Export? Export, OptionReplyType Refusal, string Reason) ResolveInDirectories(string name, bool hidingUnknown)
     {
-        if (export.Options.Access is { } access)
+        foreach (var directory in _server.Catalog.Directories)
+        {
+            var template = directory.Options.Template;
+            if (!IsVisible(template))
+            {
+                continue;
+            }
+
+            var found = directory.Resolve(name, SessionName);
+            if (!found.Matched)
+            {
+                continue;
+            }
+
+            if (found.Export is null)
+            {
+                var refusal = found.Problem == "no such image" ? OptionReplyType.ErrorUnknown
+                    : DirectoryExportProvider.IsSafeRelativeName(name, out _) ? OptionReplyType.ErrorPolicy
+                    : OptionReplyType.ErrorInvalid;
+                return (null, refusal, $"'{name}': {found.Problem}");
+            }
+
+            if (!IsAllowed(template, out var rule))
+            {
+                directory.Release(found.Export);
+                return (null, OptionReplyType.ErrorPolicy, $"export '{name}' refused by its {rule}");
+            }
+
+            _dynamic.Add((found.Export, directory));
+            return (found.Export, default, string.Empty);
+        }
+
+        return hidingUnknown
+            ? (null, OptionReplyType.ErrorTlsRequired, $"export '{name}' needs TLS or does not exist")
+            : (null, OptionReplyType.ErrorUnknown, $"no export named '{name}'");
+    }
+
+    /// <summary>Gives back an image opened from a directory export, unless it is the one in transmission.</summary>
+    private void ReleaseIfDynamic(Export? export)
+    {
+        var index = export is null ? -1 : _dynamic.FindIndex(d => ReferenceEquals(d.Export, export));
+        if (index >= 0)
+        {
+            _dynamic[index].Directory.Release(export!);
+            _dynamic.RemoveAt(index);
+        }
+    }
+
+    /// <summary>
+    /// The client's session name: its TLS identity's common name, else the name configured for its address, else none.
+    /// </summary>
+    private string? SessionName
+    {
+        get
+        {
+            if (_identity?.CommonName is { } commonName)
+            {
+                return commonName;
+            }
+
+            foreach (var session in _server.Options.SessionNames)
+            {
+                if (session.Clients.Allows(_transport.RemoteIPEndPoint, null, out _))
+                {
+                    return session.Name;
+                }
+            }
+
+            return null;
+        }
+    }
+
+    private bool RequiresTls(ExportOptions export) => TlsMode == TlsMode.Require || (export.Tls ?? TlsMode.Off) == TlsMode.Require;
+
+    private bool IsVisible(ExportOptions export) => _tlsActive || !RequiresTls(export);
+
+    private bool IsAllowed(ExportOptions export, out string rule)
+    {
+        if (export.Access is { } access)
         {
             return access.Allows(_transport.RemoteIPEndPoint, _identity, out rule);
         }

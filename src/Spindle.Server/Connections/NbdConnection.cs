@@ -97,6 +97,13 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             InTransmission = false;
         }
 
+        foreach (var (export, directory) in _dynamic)
+        {
+            directory.Release(export);
+        }
+
+        _dynamic.Clear();
+
         _input.Dispose();
         await _transport.DisposeAsync().ConfigureAwait(false);
         _abort.Dispose();

@@ -5,6 +5,7 @@ public sealed class ExportCatalog : IAsyncDisposable
 {
     private readonly Dictionary<string, Export> _exports = new(StringComparer.Ordinal);
     private readonly List<Export> _ordered = [];
+    private readonly List<DirectoryExportProvider> _directories = [];
     private readonly Lock _lock = new();
 
     /// <summary>
@@ -20,6 +21,27 @@ public sealed class ExportCatalog : IAsyncDisposable
             {
                 return _ordered.ToArray();
             }
+        }
+    }
+
+    /// <summary>Directories of images served on demand (looked up after the named exports).</summary>
+    public IReadOnlyList<DirectoryExportProvider> Directories
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _directories.ToArray();
+            }
+        }
+    }
+
+    public void Add(DirectoryExportProvider directory)
+    {
+        ArgumentNullException.ThrowIfNull(directory);
+        lock (_lock)
+        {
+            _directories.Add(directory);
         }
     }
 
@@ -61,6 +83,11 @@ public sealed class ExportCatalog : IAsyncDisposable
         foreach (var export in Exports)
         {
             await export.DisposeAsync().ConfigureAwait(false);
+        }
+
+        foreach (var directory in Directories)
+        {
+            await directory.DisposeAsync().ConfigureAwait(false);
         }
     }
 }
