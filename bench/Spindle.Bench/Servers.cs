@@ -1,0 +1,149 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+
+namespace Spindle.Bench;
+
+/// <summary>One NBD server in the comparison, serving the benchmark image on 127.0.0.1.</summary>
+internal abstract class ServerUnderTest : IAsyncDisposable
+{
+    private Process? _process;
+
+    public abstract string Name { get; }
+
+    public int Port { get; private set; }
+
+    /// <summary>The process whose tree is measured.</summary>
+    public int Pid { get; protected set; }
+
+    public virtual string ExportName => string.Empty;
+
+    public string Uri => $"nbd://127.0.0.1:{Port}/{ExportName}";
+
+    public string Version { get; protected set; } = "?";
+
+    public async Task StartAsync(string image, int port, string workDirectory)
+    {
+        Port = port;
+        _process = Launch(image, port, workDirectory);
+        Pid = _process?.Id ?? Pid;
+        await WaitForPortAsync(port);
+    }
+
+    protected abstract Process? Launch(string image, int port, string workDirectory);
+
+    public virtual async ValueTask DisposeAsync()
+    {
+        if (_process is { HasExited: false })
+        {
+            _process.Kill(entireProcessTree: true);
+            await _process.WaitForExitAsync();
+        }
+
+        _process?.Dispose();
+    }
+
+    private static async Task WaitForPortAsync(int port)
+    {
+        for (var attempt = 0; attempt < 300; attempt++)
+        {
+            try
+            {
+                using var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
+                await socket.ConnectAsync("127.0.0.1", port);
+                return;
+            }
+            catch (SocketException)
+            {
+                await Task.Delay(50);
+            }
+        }
+
+        throw new TimeoutException($"nothing listens on 127.0.0.1:{port} after 15 s");
+    }
+}
+
+internal sealed class SpindleServer(string binary) : ServerUnderTest
+{
+    public override string Name => "spindle";
+
+    protected override Process Launch(string image, int port, string workDirectory)
+    {
+        Version = FileVersionInfo.GetVersionInfo(binary + ".dll").ProductVersion ?? "?";
+        return Processes.Start(binary, ["serve", "--bind", "127.0.0.1", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--quiet", image], Path.Combine(workDirectory, "spindle.log"));
+    }
+}
+
+internal sealed class NbdkitServer : ServerUnderTest
+{
+    public override string Name => "nbdkit";
+
+    protected override Process Launch(string image, int port, string workDirectory) =>
+        Processes.Start("nbdkit", ["--foreground", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--ipaddr", "127.0.0.1", "file", image], Path.Combine(workDirectory, "nbdkit.log"));
+}
+
+/// <summary>Debian's nbd-server: a configuration file, flush and FUA enabled, forking a child per client.</summary>
+internal sealed class NbdServerServer : ServerUnderTest
+{
+    private string? _pidFile;
+
+    public override string Name => "nbd-server";
+
+    public override string ExportName => "bench";
+
+    protected override Process? Launch(string image, int port, string workDirectory)
+    {
+        var config = Path.Combine(workDirectory, "nbd-server.conf");
+        _pidFile = Path.Combine(workDirectory, "nbd-server.pid");
+        File.WriteAllText(config, $"""
+            [generic]
+                listenaddr = 127.0.0.1
+                port = {port}
+                allowlist = true
+            [bench]
+                exportname = {image}
+                flush = true
+                fua = true
+                trim = true
+            """);
+        File.Delete(_pidFile);
+        var result = Processes.RunAsync("nbd-server", ["-C", config, "-p", _pidFile], TimeSpan.FromSeconds(30)).GetAwaiter().GetResult();
+        if (result.ExitCode != 0)
+        {
+            throw new InvalidOperationException("nbd-server did not start: " + result.Error);
+        }
+
+        for (var i = 0; i < 100 && !File.Exists(_pidFile); i++)
+        {
+            Thread.Sleep(50);
+        }
+
+        Pid = int.Parse(File.ReadAllText(_pidFile).Trim(), System.Globalization.CultureInfo.InvariantCulture);
+        return null;
+    }
+
+    public override async ValueTask DisposeAsync()
+    {
+        foreach (var pid in Processes.Tree(Pid).AsEnumerable().Reverse())
+        {
+            try
+            {
+                Process.GetProcessById(pid).Kill();
+            }
+            catch (ArgumentException)
+            {
+            }
+        }
+
+        await Task.Delay(200);
+        await base.DisposeAsync();
+    }
+}
+
+/// <summary>qemu-nbd: raw, writeback cache, any number of shared connections, persistent.</summary>
+internal sealed class QemuNbdServer : ServerUnderTest
+{
+    public override string Name => "qemu-nbd";
+
+    protected override Process Launch(string image, int port, string workDirectory) =>
+        Processes.Start("qemu-nbd", ["--format=raw", "--bind=127.0.0.1", $"--port={port}", "--cache=writeback", "--shared=0", "--persistent", image], Path.Combine(workDirectory, "qemu-nbd.log"));
+}
