@@ -4,6 +4,9 @@ using Spindle.Cli.Commands;
 var root = new RootCommand("Spindle: a network block device server and client speaking NBD (fixed newstyle).")
 {
     ServeCommand.Create(),
+    InfoCommand.Create(),
+    CopyCommand.Create(),
+    DumpCommand.Create(),
 };
 
 var configuration = new InvocationConfiguration

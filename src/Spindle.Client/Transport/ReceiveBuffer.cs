@@ -10,10 +10,18 @@ internal sealed class ReceiveBuffer : IDisposable
 {
     public const int Capacity = 128 * 1024;
 
+    /// <summary>
+    /// The most a fill for a header asks the socket for. Read data that lands in this buffer must be copied again,
+    /// so fills stay small and a large payload mostly arrives straight in its destination; a fill still holds
+    /// hundreds of small replies.
+    /// </summary>
+    private const int FillLimit = 8 * 1024;
+
     private readonly NbdTransport _transport;
     private byte[] _buffer;
     private int _start;
     private int _end;
+    private int _wanted;
 
     public ReceiveBuffer(NbdTransport transport)
     {
@@ -109,7 +117,8 @@ internal sealed class ReceiveBuffer : IDisposable
             Compact();
         }
 
-        var read = await _transport.ReceiveAsync(_buffer.AsMemory(_end), cancellationToken).ConfigureAwait(false);
+        var space = Math.Max(Math.Min(_buffer.Length - _end, FillLimit), Math.Min(_buffer.Length - _end, _wanted - Count));
+        var read = await _transport.ReceiveAsync(_buffer.AsMemory(_end, space), cancellationToken).ConfigureAwait(false);
         if (read <= 0)
         {
             throw new EndOfStreamException(Count == 0
@@ -127,15 +136,18 @@ internal sealed class ReceiveBuffer : IDisposable
             throw new ArgumentOutOfRangeException(nameof(count), "more than the receive buffer holds");
         }
 
-        if (_buffer.Length - _start < count)
+        if (_buffer.Length - _start < count || _buffer.Length - _end < FillLimit)
         {
             Compact();
         }
 
+        _wanted = count;
         while (Count < count)
         {
             await FillAsync(what, cancellationToken).ConfigureAwait(false);
         }
+
+        _wanted = 0;
     }
 
     private void Compact()
