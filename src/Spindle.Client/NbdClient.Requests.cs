@@ -1,4 +1,5 @@
 using System.Diagnostics.CodeAnalysis;
+using System.Runtime.CompilerServices;
 using Spindle.Client.Connection;
 using Spindle.Protocol;
 
@@ -199,6 +200,7 @@ public sealed partial class NbdClient
         return SubmitSlowAsync(connection, slot, operation, cancellationToken);
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask SubmitSlowAsync(NbdConnection connection, ValueTask slot, NbdOperation operation, CancellationToken cancellationToken)
     {
         try

@@ -33,10 +33,9 @@ internal static class CopyCommand
             Description = "Connections to each NBD end that advertises multi-conn [default: 4].",
             DefaultValueFactory = _ => 4,
         };
-        var requests = new Option<int>("--requests", "-R")
+        var requests = new Option<int?>("--requests", "-R")
         {
-            Description = "Requests in flight per connection [default: 64].",
-            DefaultValueFactory = _ => 64,
+            Description = "Requests in flight per connection [default: 64 in all, spread over the connections].",
         };
         var requestSize = new Option<string?>("--request-size") { Description = "Bytes per request [default: 256K; at most what both ends accept]." };
         var sparse = new Option<string?>("--sparse", "-S") { Description = "Zero detection block size; 0 turns it off [default: 4096]." };
@@ -152,7 +151,7 @@ internal static class CopyCommand
         }
 
         var options = ClientCommandSupport.Options(settings.Connections);
-        options.MaxRequestsInFlight = settings.RequestsPerConnection;
+        options.MaxRequestsInFlight = settings.RequestsPerConnection ?? settings.TotalRequests;
         if (!settings.UseExtents)
         {
             options.MetaContexts.Clear();
@@ -170,7 +169,7 @@ internal static class CopyCommand
         }
 
         var options = ClientCommandSupport.Options(settings.Connections);
-        options.MaxRequestsInFlight = settings.RequestsPerConnection;
+        options.MaxRequestsInFlight = settings.RequestsPerConnection ?? settings.TotalRequests;
         options.MetaContexts.Clear();
         var client = await NbdClient.ConnectAsync(NbdUri.Parse(name), options, cancellationToken).ConfigureAwait(false);
         if (client.Export.IsReadOnly)

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using System.Threading.Channels;
 
 namespace Spindle.Cli.Commands;
@@ -9,8 +10,17 @@ internal sealed class CopySettings
     /// <summary>Bytes per READ/WRITE. Default: 256 KiB (nbdcopy's), lowered to what both ends accept.</summary>
     public int RequestSize { get; set; } = 256 * 1024;
 
-    /// <summary>Requests in flight per connection. Default: 64.</summary>
-    public int RequestsPerConnection { get; set; } = 64;
+    /// <summary>
+    /// Requests in flight per connection, or null for <see cref="TotalRequests"/> spread over the connections.
+    /// Default: null.
+    /// </summary>
+    public int? RequestsPerConnection { get; set; }
+
+    /// <summary>
+    /// Requests in flight in all, when <see cref="RequestsPerConnection"/> is not set: 64 (16 MiB of 256 KiB
+    /// buffers, nbdcopy's queue size). More buffers only cost memory and page faults once the sockets are full.
+    /// </summary>
+    public int TotalRequests { get; set; } = 64;
 
     /// <summary>Connections to each NBD end when it advertises multi-conn. Default: 4.</summary>
     public int Connections { get; set; } = 4;
@@ -70,7 +80,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
         var sparse = settings.SparseSize <= 0 || settings.Allocated ? 0 : RoundUp(Math.Max(settings.SparseSize, destination.MinimumBlockSize), alignment);
         var destinationIsZero = !settings.Allocated && (settings.DestinationIsZero || destination.IsZero);
         var connections = new[] { source.Connections, destination.Connections }.Where(c => c is not null).Select(c => c!.Value).DefaultIfEmpty(settings.Connections).Min();
-        var workers = Math.Max(1, connections * settings.RequestsPerConnection);
+        var workers = settings.RequestsPerConnection is { } perConnection ? connections * perConnection : settings.TotalRequests;
 
         var zeroBuffer = new ZeroSource(requestSize);
         var watch = Stopwatch.StartNew();
@@ -220,6 +230,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
     }
 
     /// <summary>Writes the non-zero blocks of <paramref name="data"/>; runs of all-zero blocks are zeroed or skipped instead.</summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask WriteSparseAsync(long offset, Memory<byte> data, int sparse, bool destinationIsZero, ZeroSource zeroes, CancellationToken cancellationToken)
     {
         var position = 0;
@@ -250,6 +261,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
     private static bool IsZeroBlock(ReadOnlySpan<byte> data, int position, int sparse) =>
         !data.Slice(position, Math.Min(sparse, data.Length - position)).ContainsAnyExcept((byte)0);
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask ZeroAsync(long offset, long length, bool destinationIsZero, ZeroSource zeroes, CancellationToken cancellationToken)
     {
         if (destinationIsZero)

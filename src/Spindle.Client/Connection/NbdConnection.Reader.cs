@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
 using Spindle.Protocol;
 
 namespace Spindle.Client.Connection;
@@ -73,6 +74,7 @@ internal sealed partial class NbdConnection
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask ReadSimpleReplyAsync(CancellationToken token)
     {
         await _receive.EnsureAsync(SimpleReply.Length, "a reply", token).ConfigureAwait(false);
@@ -96,6 +98,7 @@ internal sealed partial class NbdConnection
         FinishReply(operation);
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask ReadChunkAsync(CancellationToken token)
     {
         if (!Export.StructuredReplies)
@@ -233,6 +236,7 @@ internal sealed partial class NbdConnection
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask ReadBlockStatusAsync(NbdOperation operation, uint length, CancellationToken token)
     {
         if (operation.Command != NbdCommand.BlockStatus)
@@ -302,6 +306,7 @@ internal sealed partial class NbdConnection
         Complete(operation, error);
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask ReceiveDataAsync(NbdOperation operation, long relative, int count, CancellationToken token)
     {
         if (count == 0)

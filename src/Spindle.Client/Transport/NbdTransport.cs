@@ -1,5 +1,6 @@
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
 using System.Threading.Tasks.Sources;
 
 namespace Spindle.Client.Transport;
@@ -52,6 +53,7 @@ internal sealed class SocketTransport : NbdTransport
     public override ValueTask<int> ReceiveAsync(Memory<byte> buffer, CancellationToken cancellationToken) =>
         _socket.ReceiveAsync(buffer, SocketFlags.None, cancellationToken);
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public override async ValueTask SendAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken)
     {
         while (!buffer.IsEmpty)
@@ -61,6 +63,7 @@ internal sealed class SocketTransport : NbdTransport
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public override async ValueTask SendAsync(IList<ArraySegment<byte>> buffers, CancellationToken cancellationToken)
     {
         if (buffers.Count == 1)

@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Runtime.CompilerServices;
 
 namespace Spindle.Client.Transport;
 
@@ -57,6 +58,7 @@ internal sealed class ReceiveBuffer : IDisposable
 
     /// <summary>Fills <paramref name="destination"/> exactly: buffered bytes first, then straight from the transport.</summary>
     /// <exception cref="EndOfStreamException">The server closed before all of it arrived.</exception>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask ReadExactlyAsync(Memory<byte> destination, string what, CancellationToken cancellationToken)
     {
         var fromBuffer = Math.Min(Count, destination.Length);
@@ -86,6 +88,7 @@ internal sealed class ReceiveBuffer : IDisposable
     }
 
     /// <summary>Reads and drops <paramref name="count"/> bytes.</summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask DiscardAsync(long count, string what, CancellationToken cancellationToken)
     {
         while (count > 0)
@@ -110,6 +113,7 @@ internal sealed class ReceiveBuffer : IDisposable
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask FillAsync(string what, CancellationToken cancellationToken)
     {
         if (_end == _buffer.Length)
@@ -129,6 +133,7 @@ internal sealed class ReceiveBuffer : IDisposable
         _end += read;
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask EnsureSlowAsync(int count, string what, CancellationToken cancellationToken)
     {
         if (count > _buffer.Length)
