@@ -222,7 +222,7 @@ public sealed partial class NbdClient
         NbdConnection? best = null;
         foreach (var connection in _connections)
         {
-            if (connection.Failure is null && (best is null || connection.InFlight < best.InFlight))
+            if (connection.IsAvailable && (best is null || connection.InFlight < best.InFlight))
             {
                 best = connection;
             }
@@ -233,11 +233,16 @@ public sealed partial class NbdClient
             return best;
         }
 
-        var failure = _connections[0].Failure!;
-        return Volatile.Read(ref _disposed) != 0
-            ? throw new ObjectDisposedException(nameof(NbdClient), $"the client for {Uri} has been closed")
-            : throw new NbdConnectionException(
-                $"no working connection to {Uri.Target}: {failure.Message}", failure);
+        if (Volatile.Read(ref _disposed) != 0)
+        {
+            throw new ObjectDisposedException(nameof(NbdClient), $"the client for {Uri} has been closed");
+        }
+
+        var failure = _connections[0].Failure;
+        var reason = _connections[0].UnavailableReason ?? "unknown";
+        throw failure is not null
+            ? new NbdConnectionException($"no working connection to {Uri.Target}: {reason}", failure)
+            : new NbdConnectionException($"no working connection to {Uri.Target}: {reason}");
     }
 
     private void Track(NbdOperation operation)

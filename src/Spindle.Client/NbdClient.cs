@@ -25,7 +25,6 @@ namespace Spindle.Client;
 public sealed partial class NbdClient : IAsyncDisposable
 {
     private readonly NbdConnection[] _connections;
-    private readonly NbdClientOptions _options;
     private readonly Lock _trackLock = new();
     private readonly Action<NbdOperation> _untrack;
     private NbdOperation? _unacknowledged;
@@ -35,7 +34,7 @@ public sealed partial class NbdClient : IAsyncDisposable
     private NbdClient(NbdUri uri, NbdClientOptions options, NbdConnection[] connections)
     {
         Uri = uri;
-        _options = options;
+        Options = options;
         _connections = connections;
         _untrack = Untrack;
         foreach (var connection in connections)
@@ -46,6 +45,9 @@ public sealed partial class NbdClient : IAsyncDisposable
 
     /// <summary>The URI the client connected to.</summary>
     public NbdUri Uri { get; }
+
+    /// <summary>The options the client was made with (what opening another connection to the export would need).</summary>
+    public NbdClientOptions Options { get; }
 
     /// <summary>What negotiation said about the export (the first connection's view; the others must agree).</summary>
     public ExportInfo Export => _connections[0].Export;
@@ -165,8 +167,9 @@ public sealed partial class NbdClient : IAsyncDisposable
                             result.Add(new ExportListing(name, string.IsNullOrEmpty(description) ? export?.Description : description, export,
                                 info is null ? "the server does not support NBD_OPT_INFO" : null));
                         }
-                        catch (NbdOptionException exception)
+                        catch (Exception exception) when (exception is NbdOptionException { Reply: not OptionReplyType.ErrorShutdown } or NbdTlsNotSupportedException)
                         {
+                            // One export the server will not describe (unknown now, TLS-only...) does not spoil the list.
                             result.Add(new ExportListing(name, string.IsNullOrEmpty(description) ? null : description, null, exception.Message));
                         }
                     }

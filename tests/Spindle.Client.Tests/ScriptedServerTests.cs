@@ -245,6 +245,33 @@ public sealed class ScriptedServerTests
     }
 
     [Fact]
+    public async Task Eshutdown_makes_the_client_finish_what_is_in_flight_then_disconnect()
+    {
+        var disc = new TaskCompletionSource<NbdCommand>(TaskCreationOptions.RunContinuationsAsynchronously);
+        await using var server = ScriptedNbdServer.Start(async c =>
+        {
+            await c.HandshakeAsync(Size, Writable);
+            var (first, _) = await c.ReadRequestAsync();
+            var (second, _) = await c.ReadRequestAsync();
+            await c.SendErrorChunkAsync(first.Cookie, NbdError.Shutdown, "going down");
+            await c.SendSimpleReplyAsync(second.Cookie);
+            var (last, _) = await c.ReadRequestAsync();
+            disc.SetResult(last.Command);
+            Assert.True(await c.WaitForClientCloseAsync());
+        });
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        var first = client.WriteAsync(0, new byte[512], Token).AsTask();
+        var second = client.WriteAsync(512, new byte[512], Token).AsTask();
+        var error = await Assert.ThrowsAsync<NbdServerErrorException>(() => first.WaitAsync(Bound, Token));
+        Assert.Equal(NbdError.Shutdown, error.Error);
+        await second.WaitAsync(Bound, Token);
+        Assert.Equal(NbdCommand.Disconnect, await disc.Task.WaitAsync(Bound, Token));
+        var refused = await Assert.ThrowsAsync<NbdConnectionException>(() => client.ReadAsync(0, new byte[512], Token).AsTask());
+        Assert.Contains("is shutting down", refused.Message, StringComparison.Ordinal);
+        await server.WaitForScriptsAsync();
+    }
+
+    [Fact]
     public async Task Missing_block_status_chunk_fails_only_that_request()
     {
         await using var server = ScriptedNbdServer.Start(async c =>
@@ -615,6 +642,13 @@ public sealed class ScriptedServerTests
                 if (option == NbdOption.Go)
                 {
                     await c.ReplyErrorAsync(option, reply, "not here");
+                    if (reply == OptionReplyType.ErrorShutdown)
+                    {
+                        // The spec: after NBD_REP_ERR_SHUTDOWN the client MUST soft-disconnect.
+                        Assert.Equal(NbdOption.Abort, (await c.ReadOptionAsync()).Option);
+                        await c.ReplyAsync(NbdOption.Abort, OptionReplyType.Ack);
+                    }
+
                     break;
                 }
 
@@ -626,6 +660,7 @@ public sealed class ScriptedServerTests
         var error = await Assert.ThrowsAnyAsync<NbdException>(() => NbdClient.ConnectAsync(server.Uri("disk"), cancellationToken: Token).WaitAsync(Bound, Token));
         Assert.IsType(exceptionType, error);
         Assert.Contains(expected, error.Message, StringComparison.Ordinal);
+        await server.WaitForScriptsAsync();
     }
 
     public static TheoryData<string, Type, string> BrokenHandshakes => new()

@@ -42,6 +42,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private int _inFlight;
     private Exception? _failure;
     private bool _closing;
+    private string? _closeReason;
     private TaskCompletionSource? _drained;
     private int _disposed;
 
@@ -72,6 +73,30 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
     /// <summary>Why the connection failed, or null while it works.</summary>
     public Exception? Failure => Volatile.Read(ref _failure);
+
+    /// <summary>True while new requests may be submitted: not failed and not closing.</summary>
+    public bool IsAvailable
+    {
+        get
+        {
+            lock (_pendingLock)
+            {
+                return _failure is null && !_closing;
+            }
+        }
+    }
+
+    /// <summary>Why the connection stopped taking requests (failed, closing, the server shutting down), or null.</summary>
+    public string? UnavailableReason
+    {
+        get
+        {
+            lock (_pendingLock)
+            {
+                return _failure?.Message ?? _closeReason ?? (_closing ? $"the connection to {Server} is closing" : null);
+            }
+        }
+    }
 
     /// <summary>Opens a socket to <paramref name="uri"/>, negotiates and starts the transmission loops.</summary>
     public static async Task<NbdConnection> ConnectAsync(NbdUri uri, NbdClientOptions options, int id, ILogger logger, CancellationToken cancellationToken)
@@ -218,7 +243,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
                 _slots.Release();
                 throw _failure is not null
                     ? Wrap(operation, _failure)
-                    : new NbdConnectionException($"{operation} refused: the connection to {Server} is closing");
+                    : new NbdConnectionException($"{operation} refused: {_closeReason ?? $"the connection to {Server} is closing"}");
             }
 
             operation.Cookie = ++_lastCookie;
@@ -300,7 +325,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         _transport.Abort();
         await WaitQuietly(_readLoop, TimeSpan.FromSeconds(5)).ConfigureAwait(false);
         await WaitQuietly(_writeLoop, TimeSpan.FromSeconds(5)).ConfigureAwait(false);
-        Fail(new NbdConnectionException($"the connection to {Server} was closed by the client"));
+        Fail(new NbdConnectionException(_closeReason ?? $"the connection to {Server} was closed by the client"));
         if (_timeoutTimer is not null)
         {
             await _timeoutTimer.DisposeAsync().ConfigureAwait(false);
@@ -378,6 +403,31 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         {
             operation.Finish(error);
         }
+
+        if (error is NbdServerErrorException { Error: NbdError.Shutdown })
+        {
+            BeginSoftDisconnect();
+        }
+    }
+
+    /// <summary>
+    /// The server answered ESHUTDOWN: "the client MUST soft-disconnect". No new requests go out here; the ones in
+    /// flight get their replies, then NBD_CMD_DISC closes the connection (off the reader, which must keep reading).
+    /// </summary>
+    private void BeginSoftDisconnect()
+    {
+        lock (_pendingLock)
+        {
+            if (_closing || _failure is not null)
+            {
+                return;
+            }
+
+            _closing = true;
+            _closeReason = $"{Server} is shutting down (it answered a request with ESHUTDOWN), so the client disconnected";
+        }
+
+        _ = Task.Run(async () => await DisposeAsync().ConfigureAwait(false));
     }
 
     /// <summary>

@@ -251,17 +251,26 @@ internal sealed class ClientNegotiator
         return result;
     }
 
-    /// <summary>NBD_OPT_ABORT, a soft disconnect. A server that closes without its ACK (nbd-server does) is fine.</summary>
+    /// <summary>
+    /// NBD_OPT_ABORT, a soft disconnect. The ACK is awaited briefly; a server that closes without it (nbd-server
+    /// does) is fine.
+    /// </summary>
     public async Task AbortAsync(CancellationToken cancellationToken)
     {
+        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        limit.CancelAfter(TimeSpan.FromSeconds(2));
         try
         {
-            await SendOptionAsync(NbdOption.Abort, [], cancellationToken).ConfigureAwait(false);
-            await ReadReplyAsync(NbdOption.Abort, cancellationToken).ConfigureAwait(false);
+            await SendOptionAsync(NbdOption.Abort, [], limit.Token).ConfigureAwait(false);
+            await ReadReplyAsync(NbdOption.Abort, limit.Token).ConfigureAwait(false);
         }
-        catch (Exception exception) when (exception is EndOfStreamException or IOException or NbdException or System.Net.Sockets.SocketException)
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
         {
-            // The client is leaving: any ending is acceptable.
+            // No ACK in time: the client is leaving anyway.
+        }
+        catch (Exception exception) when (exception is IOException or System.Net.Sockets.SocketException or ObjectDisposedException)
+        {
+            // The server closed first (NbdException is an IOException too): any ending is acceptable.
         }
     }
 
@@ -330,8 +339,6 @@ internal sealed class ClientNegotiator
             case OptionReplyType.ErrorTlsRequired:
                 throw new NbdTlsNotSupportedException(
                     $"{_server} requires TLS ({OptionName(option)} answered NBD_REP_ERR_TLS_REQD{detail}); TLS not supported yet");
-            case OptionReplyType.ErrorShutdown:
-                throw new NbdOptionException(option, reply.Type, $"{_server} is shutting down (NBD_REP_ERR_SHUTDOWN{detail})");
             case OptionReplyType.ErrorUnknown when exportName is not null:
                 throw new NbdOptionException(option, reply.Type, $"{_server} has no export named '{exportName}' (NBD_REP_ERR_UNKNOWN{detail})");
             case OptionReplyType.ErrorPolicy when option == NbdOption.List:
@@ -384,6 +391,14 @@ internal sealed class ClientNegotiator
         if (header.IsError && data.Length > 0)
         {
             message = NbdString.TryDecode(data, out var text, out _) ? text : string.Empty;
+        }
+
+        if (header.Type == OptionReplyType.ErrorShutdown && option != NbdOption.Abort)
+        {
+            // "the client MUST soft-disconnect": leave with NBD_OPT_ABORT before reporting it.
+            await AbortAsync(cancellationToken).ConfigureAwait(false);
+            var detail = string.IsNullOrEmpty(message) ? string.Empty : $": {message}";
+            throw new NbdOptionException(option, header.Type, $"{_server} is shutting down (it answered {OptionName(option)} with NBD_REP_ERR_SHUTDOWN{detail})");
         }
 
         return new OptionReply(header.Type, data, message);
