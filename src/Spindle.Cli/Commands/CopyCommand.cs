@@ -30,7 +30,7 @@ internal static class CopyCommand
         var destinationArgument = new Argument<string>("destination") { Description = "An NBD URI, a file or a block device to copy to." };
         var connections = new Option<int>("--connections", "-C")
         {
-            Description = "Connections to each NBD end that advertises multi-conn [default: 4].",
+            Description = "Connections to each NBD end that advertises multi-conn.",
             DefaultValueFactory = _ => 4,
         };
         var requests = new Option<int?>("--requests", "-R")
