@@ -259,24 +259,6 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     }
 
     /// <summary>
-    /// The requests submitted here and not yet answered, for a FLUSH barrier. (The logical client keeps its own list
-    /// too; this one is what is on the wire.)
-    /// </summary>
-    public void CollectPending(List<NbdOperation> into, Func<NbdOperation, bool> predicate)
-    {
-        lock (_pendingLock)
-        {
-            foreach (var operation in _pending.Values)
-            {
-                if (predicate(operation))
-                {
-                    into.Add(operation);
-                }
-            }
-        }
-    }
-
-    /// <summary>
     /// Closes gracefully: waits (up to the disconnect timeout) for requests in flight, sends NBD_CMD_DISC and waits
     /// briefly for the server to close its side. A failed connection is just closed.
     /// </summary>
@@ -322,7 +304,12 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
         _stopping.Cancel();
         _sendQueue.Writer.TryComplete();
-        _transport.Abort();
+        if (!_readLoop.IsCompleted)
+        {
+            // The server has not closed its side after DISC (or this is no graceful close): cut it.
+            _transport.Abort();
+        }
+
         await WaitQuietly(_readLoop, TimeSpan.FromSeconds(5)).ConfigureAwait(false);
         await WaitQuietly(_writeLoop, TimeSpan.FromSeconds(5)).ConfigureAwait(false);
         Fail(new NbdConnectionException(_closeReason ?? $"the connection to {Server} was closed by the client"));
