@@ -8,6 +8,9 @@ BackendFactory.Register(RbdBackend.Kind, RbdBackend.Open);
 var root = new RootCommand("Spindle: a network block device server and client speaking NBD (fixed newstyle).")
 {
     ServeCommand.Create(),
+    InfoCommand.Create(),
+    CopyCommand.Create(),
+    DumpCommand.Create(),
 };
 
 var configuration = new InvocationConfiguration

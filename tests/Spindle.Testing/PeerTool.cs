@@ -174,6 +174,9 @@ public static partial class PeerTool
     /// <summary>Sends a signal to a process (e.g. 2 for SIGINT, 9 for SIGKILL).</summary>
     public static void Signal(Process process, int signal) => _ = Kill(process.Id, signal);
 
+    /// <summary>Sends a signal to a process known only by its id (a daemon that wrote a pid file).</summary>
+    public static void Signal(int pid, int signal) => _ = Kill(pid, signal);
+
     private static ProcessStartInfo CreateStartInfo(string file, IEnumerable<string> arguments, IDictionary<string, string>? environment, string? workingDirectory)
     {
         var startInfo = new ProcessStartInfo(file)

@@ -1,0 +1,385 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text.Json;
+using Spindle.Client;
+using Spindle.Protocol;
+
+namespace Spindle.Cli.Commands;
+
+/// <summary><c>spindle info</c>: what an NBD server says about an export, its list of exports, or an allocation map.</summary>
+internal static class InfoCommand
+{
+    private const string Examples = """
+        Show what an NBD server says about an export: size, flags, block sizes, protocol features.
+
+        Examples:
+          spindle info nbd://localhost/disk                the export "disk" on port 10809
+          spindle info nbd+unix:///?socket=/run/nbd.sock   the default export on a Unix socket
+          spindle info --list nbd://server                 every export the server lists
+          spindle info --map nbd://localhost/disk          allocation: data, hole and zero runs
+          spindle info --context qemu:dirty-bitmap:b URI   the map of another metadata context
+          spindle info --json nbd://localhost              for scripts
+
+        URIs follow the NBD URI spec (nbd://host[:port]/export, nbd+unix:///export?socket=PATH), the same
+        strings qemu and nbdinfo take. nbds:// parses, but TLS is not supported yet.
+        """;
+
+    /// <summary>The flag names shown, in nbdinfo's order and spelling (can_*, is_*).</summary>
+    private static readonly (string Name, Func<ExportInfo, bool> Test)[] FlagTable =
+    [
+        ("is_rotational", e => e.IsRotational),
+        ("is_read_only", e => e.IsReadOnly),
+        ("can_block_status", e => e.CanBlockStatus),
+        ("can_cache", e => e.CanCache),
+        ("can_df", e => e.CanDontFragment),
+        ("can_fast_zero", e => e.CanFastZero),
+        ("can_flush", e => e.CanFlush),
+        ("can_fua", e => e.CanFua),
+        ("can_multi_conn", e => e.CanMultiConn),
+        ("can_trim", e => e.CanTrim),
+        ("can_zero", e => e.CanWriteZeroes),
+    ];
+
+    public static Command Create()
+    {
+        var uri = new Argument<string>("uri") { Description = "The NBD URI of the export (or of the server, with --list)." };
+        var list = new Option<bool>("--list", "-L") { Description = "List the server's exports (NBD_OPT_LIST) with their details." };
+        var map = new Option<bool>("--map") { Description = "Print the allocation map (BLOCK_STATUS): runs of data, holes and zeroes." };
+        var context = new Option<string?>("--context") { Description = "With --map: the metadata context to map [default: base:allocation]; implies --map." };
+        var json = new Option<bool>("--json") { Description = "Print JSON instead of text." };
+        var command = new Command("info", Examples) { uri, list, map, context, json };
+        command.SetAction((parse, cancellationToken) => ClientCommandSupport.RunAsync(async () =>
+        {
+            var target = NbdUri.Parse(parse.GetValue(uri)!);
+            var asJson = parse.GetValue(json);
+            var output = Console.Out;
+            var mapContext = parse.GetValue(context);
+            var mapping = parse.GetValue(map) || mapContext is not null;
+            if (parse.GetValue(list))
+            {
+                if (mapping)
+                {
+                    throw new FormatException("--list and --map cannot be combined");
+                }
+
+                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(), cancellationToken).ConfigureAwait(false);
+                if (asJson)
+                {
+                    WriteListJson(output, target, listings);
+                }
+                else
+                {
+                    WriteListText(output, target, listings);
+                }
+
+                return 0;
+            }
+
+            if (mapping)
+            {
+                var contextName = mapContext ?? MetaContexts.BaseAllocation;
+                var client = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(context: contextName), cancellationToken).ConfigureAwait(false);
+                await using (client.ConfigureAwait(false))
+                {
+                    var runs = await MapAsync(client, contextName, cancellationToken).ConfigureAwait(false);
+                    if (asJson)
+                    {
+                        WriteMapJson(output, contextName, runs);
+                    }
+                    else
+                    {
+                        WriteMapText(output, contextName, runs);
+                    }
+                }
+
+                return 0;
+            }
+
+            var connected = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(listContexts: true), cancellationToken).ConfigureAwait(false);
+            await using (connected.ConfigureAwait(false))
+            {
+                if (asJson)
+                {
+                    WriteInfoJson(output, target, connected.Export);
+                }
+                else
+                {
+                    WriteInfoText(output, target, connected.Export);
+                }
+            }
+
+            return 0;
+        }, cancellationToken));
+        return command;
+    }
+
+    /// <summary>The whole export's extents in <paramref name="context"/>, neighbours with equal status merged.</summary>
+    internal static async Task<List<NbdExtent>> MapAsync(NbdClient client, string context, CancellationToken cancellationToken)
+    {
+        var runs = new List<NbdExtent>();
+        await foreach (var extent in client.GetExtentsAsync(0, client.Size, context, cancellationToken).ConfigureAwait(false))
+        {
+            if (runs.Count > 0 && runs[^1].Flags == extent.Flags && runs[^1].End == extent.Offset)
+            {
+                runs[^1] = runs[^1] with { Length = runs[^1].Length + extent.Length };
+            }
+            else
+            {
+                runs.Add(extent);
+            }
+        }
+
+        return runs;
+    }
+
+    /// <summary>How a status of <paramref name="context"/> reads: nbdinfo's words for the contexts it knows.</summary>
+    internal static string Describe(string context, uint flags)
+    {
+        if (context == MetaContexts.BaseAllocation)
+        {
+            return new NbdExtent(0, 0, flags).AllocationDescription;
+        }
+
+        if (context.StartsWith("qemu:dirty-bitmap:", StringComparison.Ordinal))
+        {
+            return (flags & 1) != 0 ? "dirty" : "clean";
+        }
+
+        if (context == "qemu:allocation-depth")
+        {
+            return flags switch
+            {
+                0 => "unallocated",
+                1 => "local",
+                _ => string.Create(CultureInfo.InvariantCulture, $"backing depth {flags}"),
+            };
+        }
+
+        return string.Empty;
+    }
+
+    private static void WriteInfoText(TextWriter output, NbdUri uri, ExportInfo export)
+    {
+        output.WriteLine($"protocol: {Protocol(export)}");
+        output.WriteLine($"export=\"{export.Name}\":");
+        output.WriteLine($"\texport-size: {export.Size} ({ClientCommandSupport.Human(export.Size)})");
+        if (export.CanonicalName is { } canonical && canonical != export.Name)
+        {
+            output.WriteLine($"\tcanonical-name: \"{canonical}\"");
+        }
+
+        if (!string.IsNullOrEmpty(export.Description))
+        {
+            output.WriteLine($"\tdescription: {export.Description}");
+        }
+
+        output.WriteLine($"\turi: {uri}");
+        if (export.AvailableMetaContexts is { } available)
+        {
+            output.WriteLine("\tcontexts:");
+            foreach (var context in available)
+            {
+                output.WriteLine($"\t\t{context}");
+            }
+        }
+
+        foreach (var (name, test) in FlagTable)
+        {
+            output.WriteLine($"\t{name}: {(test(export) ? "true" : "false")}");
+        }
+
+        if (export.AdvertisedBlockSizes is { } sizes)
+        {
+            output.WriteLine($"\tblock_size_minimum: {sizes.Minimum}");
+            output.WriteLine($"\tblock_size_preferred: {sizes.Preferred}");
+            output.WriteLine($"\tblock_size_maximum: {sizes.Maximum}");
+        }
+        else
+        {
+            output.WriteLine("\tblock sizes: not advertised (the client assumes minimum 1, preferred 4096, maximum 32 MiB)");
+        }
+
+        output.WriteLine($"\ttransmission_flags: 0x{(ushort)export.RawFlags:x4}");
+    }
+
+    private static string Protocol(ExportInfo export)
+    {
+        var handshake = export.FixedNewstyle ? "newstyle-fixed" : "newstyle";
+        var replies = export.StructuredReplies ? "structured replies" : "simple replies";
+        var method = export.Method == NegotiationMethod.Go ? "NBD_OPT_GO" : "NBD_OPT_EXPORT_NAME";
+        return $"{handshake} without TLS, {replies}, entered with {method}";
+    }
+
+    private static void WriteInfoJson(TextWriter output, NbdUri uri, ExportInfo export)
+    {
+        WriteJson(output, writer =>
+        {
+            writer.WriteStartObject();
+            writer.WriteString("uri", uri.ToString());
+            writer.WriteStartObject("protocol");
+            writer.WriteString("handshake", export.FixedNewstyle ? "newstyle-fixed" : "newstyle");
+            writer.WriteBoolean("no_zeroes", (export.HandshakeFlags & HandshakeFlags.NoZeroes) != 0);
+            writer.WriteString("method", export.Method == NegotiationMethod.Go ? "go" : "export-name");
+            writer.WriteBoolean("structured_replies", export.StructuredReplies);
+            writer.WriteBoolean("tls", false);
+            writer.WriteEndObject();
+            WriteExportJson(writer, export);
+            writer.WriteEndObject();
+        });
+    }
+
+    private static void WriteExportJson(Utf8JsonWriter writer, ExportInfo export, string property = "export")
+    {
+        writer.WriteStartObject(property);
+        writer.WriteString("name", export.Name);
+        if (export.CanonicalName is not null)
+        {
+            writer.WriteString("canonical_name", export.CanonicalName);
+        }
+
+        if (export.Description is not null)
+        {
+            writer.WriteString("description", export.Description);
+        }
+
+        writer.WriteNumber("size", export.Size);
+        writer.WriteNumber("transmission_flags", (ushort)export.RawFlags);
+        foreach (var (name, test) in FlagTable)
+        {
+            writer.WriteBoolean(name, test(export));
+        }
+
+        if (export.AdvertisedBlockSizes is { } sizes)
+        {
+            writer.WriteStartObject("block_sizes");
+            writer.WriteNumber("minimum", sizes.Minimum);
+            writer.WriteNumber("preferred", sizes.Preferred);
+            writer.WriteNumber("maximum", sizes.Maximum);
+            writer.WriteEndObject();
+        }
+        else
+        {
+            writer.WriteNull("block_sizes");
+        }
+
+        writer.WriteNumber("max_payload", export.MaximumPayload);
+        writer.WriteStartArray("meta_contexts");
+        foreach (var context in export.MetaContexts.Keys.Order(StringComparer.Ordinal))
+        {
+            writer.WriteStringValue(context);
+        }
+
+        writer.WriteEndArray();
+        if (export.AvailableMetaContexts is { } available)
+        {
+            writer.WriteStartArray("available_meta_contexts");
+            foreach (var context in available)
+            {
+                writer.WriteStringValue(context);
+            }
+
+            writer.WriteEndArray();
+        }
+
+        writer.WriteEndObject();
+    }
+
+    private static void WriteListText(TextWriter output, NbdUri uri, IReadOnlyList<ExportListing> listings)
+    {
+        output.WriteLine($"server: {uri.Target}, {listings.Count} export{(listings.Count == 1 ? "" : "s")}");
+        foreach (var listing in listings)
+        {
+            output.WriteLine($"export=\"{listing.Name}\":");
+            if (!string.IsNullOrEmpty(listing.Description))
+            {
+                output.WriteLine($"\tdescription: {listing.Description}");
+            }
+
+            output.WriteLine($"\turi: {uri.WithExportName(listing.Name)}");
+            if (listing.Info is { } info)
+            {
+                output.WriteLine($"\texport-size: {info.Size} ({ClientCommandSupport.Human(info.Size)})");
+                output.WriteLine($"\tis_read_only: {(info.IsReadOnly ? "true" : "false")}");
+                output.WriteLine($"\tcan_multi_conn: {(info.CanMultiConn ? "true" : "false")}");
+            }
+            else if (listing.InfoError is not null)
+            {
+                output.WriteLine($"\tdetails unavailable: {listing.InfoError}");
+            }
+        }
+    }
+
+    private static void WriteListJson(TextWriter output, NbdUri uri, IReadOnlyList<ExportListing> listings)
+    {
+        WriteJson(output, writer =>
+        {
+            writer.WriteStartObject();
+            writer.WriteString("server", uri.Target);
+            writer.WriteStartArray("exports");
+            foreach (var listing in listings)
+            {
+                writer.WriteStartObject();
+                writer.WriteString("name", listing.Name);
+                writer.WriteString("uri", uri.WithExportName(listing.Name).ToString());
+                if (!string.IsNullOrEmpty(listing.Description))
+                {
+                    writer.WriteString("description", listing.Description);
+                }
+
+                if (listing.Info is { } info)
+                {
+                    WriteExportJson(writer, info, "info");
+                }
+                else
+                {
+                    writer.WriteString("error", listing.InfoError);
+                }
+
+                writer.WriteEndObject();
+            }
+
+            writer.WriteEndArray();
+            writer.WriteEndObject();
+        });
+    }
+
+    private static void WriteMapText(TextWriter output, string context, List<NbdExtent> runs)
+    {
+        foreach (var run in runs)
+        {
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"{run.Offset,20} {run.Length,20} {run.Flags,5}  {Describe(context, run.Flags)}"));
+        }
+    }
+
+    private static void WriteMapJson(TextWriter output, string context, List<NbdExtent> runs)
+    {
+        WriteJson(output, writer =>
+        {
+            writer.WriteStartArray();
+            foreach (var run in runs)
+            {
+                writer.WriteStartObject();
+                writer.WriteNumber("offset", run.Offset);
+                writer.WriteNumber("length", run.Length);
+                writer.WriteNumber("type", run.Flags);
+                writer.WriteString("description", Describe(context, run.Flags));
+                writer.WriteEndObject();
+            }
+
+            writer.WriteEndArray();
+        });
+    }
+
+    internal static void WriteJson(TextWriter output, Action<Utf8JsonWriter> write)
+    {
+        using var stream = new MemoryStream();
+        using (var writer = new Utf8JsonWriter(stream, new JsonWriterOptions { Indented = true }))
+        {
+            write(writer);
+        }
+
+        output.WriteLine(System.Text.Encoding.UTF8.GetString(stream.ToArray()));
+        output.Flush();
+    }
+}

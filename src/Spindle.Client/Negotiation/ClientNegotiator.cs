@@ -1,0 +1,473 @@
+using System.Buffers.Binary;
+using Microsoft.Extensions.Logging;
+using Spindle.Client.Transport;
+using Spindle.Protocol;
+
+namespace Spindle.Client.Negotiation;
+
+/// <summary>
+/// The client side of the handshake (proto.md "Handshake"; the reference sheet §2): the greeting, then options one
+/// at a time, each read to its final reply before the next is sent, ending in NBD_OPT_GO (or NBD_OPT_EXPORT_NAME
+/// for servers without GO) or NBD_OPT_ABORT.
+/// </summary>
+internal sealed class ClientNegotiator
+{
+    /// <summary>Largest option reply the client accepts; NBD_REP_SERVER, the biggest normal one, is about 8 KiB.</summary>
+    private const int MaxReplyLength = 1024 * 1024;
+
+    private readonly NbdTransport _transport;
+    private readonly ReceiveBuffer _receive;
+    private readonly ILogger _logger;
+    private readonly string _server;
+
+    public ClientNegotiator(NbdTransport transport, ReceiveBuffer receive, ILogger logger)
+    {
+        _transport = transport;
+        _receive = receive;
+        _logger = logger;
+        _server = transport.Description;
+    }
+
+    public HandshakeFlags ServerFlags { get; private set; }
+
+    public bool FixedNewstyle => (ServerFlags & HandshakeFlags.FixedNewstyle) != 0;
+
+    /// <summary>Both sides agreed to drop the 124 zero bytes after EXPORT_NAME.</summary>
+    public bool NoZeroes { get; private set; }
+
+    public bool StructuredReplies { get; private set; }
+
+    /// <summary>Reads the server's greeting and answers with the client flags.</summary>
+    public async Task StartAsync(CancellationToken cancellationToken)
+    {
+        await _receive.EnsureAsync(16, "the server's greeting", cancellationToken).ConfigureAwait(false);
+        var status = ServerGreeting.TryRead(_receive.Span, out _, out var oldstyle);
+        if (status == ParseStatus.Invalid)
+        {
+            if (oldstyle)
+            {
+                throw new NbdProtocolException($"{_server} speaks the oldstyle handshake, which NBD dropped in 2013; Spindle speaks fixed newstyle only");
+            }
+
+            throw new NbdProtocolException($"{_server} is not an NBD server (its greeting does not start with NBDMAGIC IHAVEOPT)");
+        }
+
+        await _receive.EnsureAsync(ServerGreeting.Length, "the server's handshake flags", cancellationToken).ConfigureAwait(false);
+        ServerGreeting.TryRead(_receive.Span, out var flags, out _);
+        _receive.Consume(ServerGreeting.Length);
+
+        // The client "SHOULD ignore any handshake flags it does not recognize", and may only echo what was offered.
+        ServerFlags = flags;
+        var clientFlags = ClientFlags.None;
+        if ((flags & HandshakeFlags.FixedNewstyle) != 0)
+        {
+            clientFlags |= ClientFlags.FixedNewstyle;
+        }
+
+        if ((flags & HandshakeFlags.NoZeroes) != 0)
+        {
+            clientFlags |= ClientFlags.NoZeroes;
+            NoZeroes = true;
+        }
+
+        var bytes = new byte[4];
+        BinaryPrimitives.WriteUInt32BigEndian(bytes, (uint)clientFlags);
+        await _transport.SendAsync(bytes, cancellationToken).ConfigureAwait(false);
+        ClientLog.Greeting(_logger, _server, flags);
+    }
+
+    /// <summary>NBD_OPT_STRUCTURED_REPLY. False (and simple replies) if the server refuses.</summary>
+    public async Task<bool> RequestStructuredRepliesAsync(CancellationToken cancellationToken)
+    {
+        RequireFixedNewstyle(NbdOption.StructuredReply);
+        await SendOptionAsync(NbdOption.StructuredReply, [], cancellationToken).ConfigureAwait(false);
+        var reply = await ReadReplyAsync(NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
+        if (reply.Type == OptionReplyType.Ack)
+        {
+            StructuredReplies = true;
+            return true;
+        }
+
+        ThrowIfFinalError(NbdOption.StructuredReply, reply, refusable: true);
+        if (!reply.IsError)
+        {
+            throw Unexpected(NbdOption.StructuredReply, reply);
+        }
+
+        ClientLog.OptionRefused(_logger, _server, OptionName(NbdOption.StructuredReply), reply.Type, reply.Message);
+        return false;
+    }
+
+    /// <summary>
+    /// NBD_OPT_SET_META_CONTEXT (or LIST_META_CONTEXT): the contexts the server selected (or offers), by name. An
+    /// error reply means none.
+    /// </summary>
+    public async Task<Dictionary<string, uint>> MetaContextAsync(NbdOption option, string exportName, IReadOnlyList<string> queries, CancellationToken cancellationToken)
+    {
+        RequireFixedNewstyle(option);
+        await SendOptionAsync(option, new MetaContextRequest(exportName, queries).ToBytes(), cancellationToken).ConfigureAwait(false);
+        var contexts = new Dictionary<string, uint>(StringComparer.Ordinal);
+        var ids = new HashSet<uint>();
+        for (var count = 0; ; count++)
+        {
+            var reply = await ReadReplyAsync(option, cancellationToken).ConfigureAwait(false);
+            switch (reply.Type)
+            {
+                case OptionReplyType.MetaContext:
+                    if (!MetaContextReply.TryParse(reply.Data, out var id, out var name) || name.Length == 0)
+                    {
+                        throw new NbdProtocolException($"{_server} sent a malformed NBD_REP_META_CONTEXT ({reply.Data.Length} bytes)");
+                    }
+
+                    if (count >= 65536)
+                    {
+                        throw new NbdProtocolException($"{_server} sent more than 65536 meta contexts");
+                    }
+
+                    // Ids are per connection and unique among the selected contexts (LIST answers SHOULD use 0).
+                    if (option == NbdOption.SetMetaContext && !ids.Add(id))
+                    {
+                        throw new NbdProtocolException($"{_server} gave meta context id {id} to two contexts");
+                    }
+
+                    contexts[name] = id;
+                    break;
+                case OptionReplyType.Ack:
+                    return contexts;
+                default:
+                    ThrowIfFinalError(option, reply, refusable: true);
+                    if (!reply.IsError)
+                    {
+                        throw Unexpected(option, reply);
+                    }
+
+                    // SET_META_CONTEXT replaces every selection even when it fails: nothing is selected now.
+                    ClientLog.OptionRefused(_logger, _server, OptionName(option), reply.Type, reply.Message);
+                    return [];
+            }
+        }
+    }
+
+    /// <summary>NBD_OPT_LIST: the exports the server names.</summary>
+    public async Task<List<(string Name, string Description)>> ListAsync(CancellationToken cancellationToken)
+    {
+        RequireFixedNewstyle(NbdOption.List);
+        await SendOptionAsync(NbdOption.List, [], cancellationToken).ConfigureAwait(false);
+        var exports = new List<(string, string)>();
+        while (true)
+        {
+            var reply = await ReadReplyAsync(NbdOption.List, cancellationToken).ConfigureAwait(false);
+            switch (reply.Type)
+            {
+                case OptionReplyType.Server:
+                    if (!ServerReply.TryParse(reply.Data, out var name, out var description))
+                    {
+                        throw new NbdProtocolException($"{_server} sent a malformed NBD_REP_SERVER ({reply.Data.Length} bytes)");
+                    }
+
+                    if (exports.Count >= 100_000)
+                    {
+                        throw new NbdProtocolException($"{_server} listed more than 100000 exports");
+                    }
+
+                    exports.Add((name, description));
+                    break;
+                case OptionReplyType.Ack:
+                    return exports;
+                default:
+                    ThrowIfFinalError(NbdOption.List, reply, refusable: false);
+                    throw Unexpected(NbdOption.List, reply);
+            }
+        }
+    }
+
+    /// <summary>
+    /// NBD_OPT_INFO or NBD_OPT_GO for <paramref name="exportName"/>. Returns null if the server does not know the
+    /// option (NBD_REP_ERR_UNSUP): GO then falls back to EXPORT_NAME.
+    /// </summary>
+    public async Task<InfoResult?> InfoOrGoAsync(NbdOption option, string exportName, CancellationToken cancellationToken)
+    {
+        RequireFixedNewstyle(option);
+        var request = new InfoRequest(exportName, [InfoType.BlockSize, InfoType.Name, InfoType.Description]);
+        await SendOptionAsync(option, request.ToBytes(), cancellationToken).ConfigureAwait(false);
+        var result = new InfoResult();
+        while (true)
+        {
+            var reply = await ReadReplyAsync(option, cancellationToken).ConfigureAwait(false);
+            switch (reply.Type)
+            {
+                case OptionReplyType.Info:
+                    ReadInfo(reply.Data, result);
+                    break;
+                case OptionReplyType.Ack:
+                    if (!result.HasExport)
+                    {
+                        throw new NbdProtocolException($"{_server} acknowledged {OptionName(option)} without sending NBD_INFO_EXPORT");
+                    }
+
+                    return result;
+                case OptionReplyType.ErrorUnsupported:
+                    ClientLog.OptionRefused(_logger, _server, OptionName(option), reply.Type, reply.Message);
+                    if (option == NbdOption.Go)
+                    {
+                        ClientLog.FallingBackToExportName(_logger, _server);
+                    }
+
+                    return null;
+                default:
+                    ThrowIfFinalError(option, reply, refusable: false, exportName);
+                    throw Unexpected(option, reply);
+            }
+        }
+    }
+
+    /// <summary>NBD_OPT_EXPORT_NAME: the one option whose failure is a closed connection.</summary>
+    public async Task<InfoResult> ExportNameAsync(string exportName, CancellationToken cancellationToken)
+    {
+        var name = new byte[NbdString.ByteCount(exportName)];
+        NbdString.Encode(exportName, name);
+        await SendOptionAsync(NbdOption.ExportName, name, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await _receive.EnsureAsync(ExportNameReply.ShortLength, "the reply to NBD_OPT_EXPORT_NAME", cancellationToken).ConfigureAwait(false);
+        }
+        catch (EndOfStreamException)
+        {
+            // NBD_OPT_EXPORT_NAME has no error reply: a server that cannot serve the export closes the connection.
+            throw new NbdOptionException(NbdOption.ExportName, OptionReplyType.ErrorUnknown,
+                $"{_server} closed the connection when asked for export '{exportName}' with NBD_OPT_EXPORT_NAME: it has no such export or refused it");
+        }
+
+        ExportNameReply.TryRead(_receive.Span, out var size, out var flags);
+        _receive.Consume(ExportNameReply.ShortLength);
+        if (!NoZeroes)
+        {
+            await _receive.EnsureAsync(NbdLimits.ExportNameReplyPadding, "the zero padding after the export name reply", cancellationToken).ConfigureAwait(false);
+            _receive.Consume(NbdLimits.ExportNameReplyPadding);
+        }
+
+        var result = new InfoResult();
+        result.SetExport(size, flags, _server);
+        return result;
+    }
+
+    /// <summary>
+    /// NBD_OPT_ABORT, a soft disconnect. The ACK is awaited briefly; a server that closes without it (nbd-server
+    /// does) is fine.
+    /// </summary>
+    public async Task AbortAsync(CancellationToken cancellationToken)
+    {
+        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        limit.CancelAfter(TimeSpan.FromSeconds(2));
+        try
+        {
+            await SendOptionAsync(NbdOption.Abort, [], limit.Token).ConfigureAwait(false);
+            await ReadReplyAsync(NbdOption.Abort, limit.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            // No ACK in time: the client is leaving anyway.
+        }
+        catch (Exception exception) when (exception is IOException or System.Net.Sockets.SocketException or ObjectDisposedException)
+        {
+            // The server closed first (NbdException is an IOException too): any ending is acceptable.
+        }
+    }
+
+    private void ReadInfo(byte[] data, InfoResult result)
+    {
+        if (!InfoReplies.TryReadType(data, out var type))
+        {
+            throw new NbdProtocolException($"{_server} sent an NBD_REP_INFO of {data.Length} bytes, too short for its type");
+        }
+
+        switch (type)
+        {
+            case InfoType.Export:
+                if (!InfoReplies.TryReadExport(data, out var size, out var flags))
+                {
+                    throw new NbdProtocolException($"{_server} sent NBD_INFO_EXPORT of {data.Length} bytes; the spec says exactly 12");
+                }
+
+                result.SetExport(size, flags, _server);
+                break;
+            case InfoType.BlockSize:
+                if (!InfoReplies.TryReadBlockSize(data, out var sizes))
+                {
+                    throw new NbdProtocolException($"{_server} sent NBD_INFO_BLOCK_SIZE of {data.Length} bytes; the spec says exactly 14");
+                }
+
+                if (!sizes.IsValid(out var problem))
+                {
+                    throw new NbdProtocolException($"{_server} advertised impossible block sizes: {problem}");
+                }
+
+                result.BlockSizes = sizes;
+                break;
+            case InfoType.Name:
+                result.CanonicalName = NbdString.TryDecode(data.AsSpan(2), out var name, out _) ? name : null;
+                break;
+            case InfoType.Description:
+                result.Description = NbdString.TryDecode(data.AsSpan(2), out var description, out _) ? description : null;
+                break;
+            default:
+                // "the client MUST ignore information replies it does not understand".
+                break;
+        }
+    }
+
+    private void RequireFixedNewstyle(NbdOption option)
+    {
+        if (!FixedNewstyle)
+        {
+            throw new NbdOptionException(option, OptionReplyType.ErrorUnsupported,
+                $"{_server} does not speak fixed newstyle, so only NBD_OPT_EXPORT_NAME may be sent to it, not {OptionName(option)}");
+        }
+    }
+
+    /// <summary>Throws for final errors that end the attempt; returns for an error the caller may tolerate.</summary>
+    private void ThrowIfFinalError(NbdOption option, OptionReply reply, bool refusable, string? exportName = null)
+    {
+        if (!reply.IsError)
+        {
+            return;
+        }
+
+        var detail = string.IsNullOrEmpty(reply.Message) ? string.Empty : $": {reply.Message}";
+        switch (reply.Type)
+        {
+            case OptionReplyType.ErrorTlsRequired:
+                throw new NbdTlsNotSupportedException(
+                    $"{_server} requires TLS ({OptionName(option)} answered NBD_REP_ERR_TLS_REQD{detail}); TLS not supported yet");
+            case OptionReplyType.ErrorUnknown when exportName is not null:
+                throw new NbdOptionException(option, reply.Type, $"{_server} has no export named '{exportName}' (NBD_REP_ERR_UNKNOWN{detail})");
+            case OptionReplyType.ErrorPolicy when option == NbdOption.List:
+                throw new NbdOptionException(option, reply.Type, $"{_server} does not allow listing its exports (NBD_REP_ERR_POLICY{detail})");
+            case OptionReplyType.ErrorPolicy when exportName is not null:
+                throw new NbdOptionException(option, reply.Type, $"{_server} refused access to export '{exportName}' (NBD_REP_ERR_POLICY{detail})");
+        }
+
+        if (!refusable)
+        {
+            throw new NbdOptionException(option, reply.Type, $"{_server} refused {OptionName(option)} with {ReplyName(reply.Type)}{detail}");
+        }
+    }
+
+    private NbdProtocolException Unexpected(NbdOption option, OptionReply reply) =>
+        new($"{_server} answered {OptionName(option)} with unexpected reply type {ReplyName(reply.Type)}");
+
+    private async Task SendOptionAsync(NbdOption option, byte[] data, CancellationToken cancellationToken)
+    {
+        var bytes = new byte[OptionHeader.Length + data.Length];
+        OptionHeader.Write(bytes, option, (uint)data.Length);
+        data.CopyTo(bytes, OptionHeader.Length);
+        await _transport.SendAsync(bytes, cancellationToken).ConfigureAwait(false);
+        ClientLog.OptionSent(_logger, _server, OptionName(option), data.Length);
+    }
+
+    private async Task<OptionReply> ReadReplyAsync(NbdOption option, CancellationToken cancellationToken)
+    {
+        var what = $"the reply to {OptionName(option)}";
+        await _receive.EnsureAsync(OptionReplyHeader.Length, what, cancellationToken).ConfigureAwait(false);
+        if (OptionReplyHeader.TryRead(_receive.Span, out var header) != ParseStatus.Done)
+        {
+            throw new NbdProtocolException($"{_server} sent an option reply with a wrong magic number (expected 0x0003e889045565a9) in answer to {OptionName(option)}");
+        }
+
+        if (header.Option != option)
+        {
+            throw new NbdProtocolException($"{_server} answered {OptionName(option)} with a reply for option {(uint)header.Option}");
+        }
+
+        if (header.DataLength > MaxReplyLength)
+        {
+            throw new NbdProtocolException($"{_server} sent a {header.DataLength}-byte reply to {OptionName(option)}, over the client's {MaxReplyLength}-byte limit");
+        }
+
+        _receive.Consume(OptionReplyHeader.Length);
+        var data = new byte[header.DataLength];
+        await _receive.ReadExactlyAsync(data, what, cancellationToken).ConfigureAwait(false);
+        var message = string.Empty;
+        if (header.IsError && data.Length > 0)
+        {
+            message = NbdString.TryDecode(data, out var text, out _) ? text : string.Empty;
+        }
+
+        if (header.Type == OptionReplyType.ErrorShutdown && option != NbdOption.Abort)
+        {
+            // "the client MUST soft-disconnect": leave with NBD_OPT_ABORT before reporting it.
+            await AbortAsync(cancellationToken).ConfigureAwait(false);
+            var detail = string.IsNullOrEmpty(message) ? string.Empty : $": {message}";
+            throw new NbdOptionException(option, header.Type, $"{_server} is shutting down (it answered {OptionName(option)} with NBD_REP_ERR_SHUTDOWN{detail})");
+        }
+
+        return new OptionReply(header.Type, data, message);
+    }
+
+    internal static string OptionName(NbdOption option) => option switch
+    {
+        NbdOption.ExportName => "NBD_OPT_EXPORT_NAME",
+        NbdOption.Abort => "NBD_OPT_ABORT",
+        NbdOption.List => "NBD_OPT_LIST",
+        NbdOption.StartTls => "NBD_OPT_STARTTLS",
+        NbdOption.Info => "NBD_OPT_INFO",
+        NbdOption.Go => "NBD_OPT_GO",
+        NbdOption.StructuredReply => "NBD_OPT_STRUCTURED_REPLY",
+        NbdOption.ListMetaContext => "NBD_OPT_LIST_META_CONTEXT",
+        NbdOption.SetMetaContext => "NBD_OPT_SET_META_CONTEXT",
+        NbdOption.ExtendedHeaders => "NBD_OPT_EXTENDED_HEADERS",
+        _ => $"option {(uint)option}",
+    };
+
+    internal static string ReplyName(OptionReplyType type) => type switch
+    {
+        OptionReplyType.Ack => "NBD_REP_ACK",
+        OptionReplyType.Server => "NBD_REP_SERVER",
+        OptionReplyType.Info => "NBD_REP_INFO",
+        OptionReplyType.MetaContext => "NBD_REP_META_CONTEXT",
+        OptionReplyType.ErrorUnsupported => "NBD_REP_ERR_UNSUP",
+        OptionReplyType.ErrorPolicy => "NBD_REP_ERR_POLICY",
+        OptionReplyType.ErrorInvalid => "NBD_REP_ERR_INVALID",
+        OptionReplyType.ErrorPlatform => "NBD_REP_ERR_PLATFORM",
+        OptionReplyType.ErrorTlsRequired => "NBD_REP_ERR_TLS_REQD",
+        OptionReplyType.ErrorUnknown => "NBD_REP_ERR_UNKNOWN",
+        OptionReplyType.ErrorShutdown => "NBD_REP_ERR_SHUTDOWN",
+        OptionReplyType.ErrorBlockSizeRequired => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+        OptionReplyType.ErrorTooBig => "NBD_REP_ERR_TOO_BIG",
+        OptionReplyType.ErrorExtendedHeaderRequired => "NBD_REP_ERR_EXT_HEADER_REQD",
+        _ => $"reply type 0x{(uint)type:x8}",
+    };
+
+    private readonly record struct OptionReply(OptionReplyType Type, byte[] Data, string Message)
+    {
+        public bool IsError => ((uint)Type & 0x80000000) != 0;
+    }
+}
+
+/// <summary>What NBD_OPT_INFO / NBD_OPT_GO / NBD_OPT_EXPORT_NAME told the client.</summary>
+internal sealed class InfoResult
+{
+    public bool HasExport { get; private set; }
+
+    public long Size { get; private set; }
+
+    public TransmissionFlags Flags { get; private set; }
+
+    public BlockSizeConstraints? BlockSizes { get; set; }
+
+    public string? CanonicalName { get; set; }
+
+    public string? Description { get; set; }
+
+    public void SetExport(ulong size, TransmissionFlags flags, string server)
+    {
+        if (size > long.MaxValue)
+        {
+            throw new NbdProtocolException($"{server} reported an export size of {size} bytes, beyond 2^63");
+        }
+
+        HasExport = true;
+        Size = (long)size;
+        Flags = flags;
+    }
+}
