@@ -4,6 +4,7 @@ using Spindle.Cli.Commands;
 var root = new RootCommand("Spindle: a network block device server and client speaking NBD (fixed newstyle).")
 {
     ServeCommand.Create(),
+    MountCommand.Create(),
 };
 
 var configuration = new InvocationConfiguration
