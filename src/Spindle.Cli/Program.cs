@@ -5,6 +5,8 @@ var root = new RootCommand("Spindle: a network block device server and client sp
 {
     ServeCommand.Create(),
     MountCommand.Create(),
+    AttachCommand.Create(),
+    DetachCommand.Create(),
 };
 
 var configuration = new InvocationConfiguration

@@ -18,7 +18,7 @@ namespace Spindle.Fuse;
 /// <list type="bullet">
 /// <item>write() through a handle opened with O_SYNC/O_DSYNC, or pwritev2(RWF_DSYNC): a FUA write (or write +
 /// FLUSH when the device has no FUA);</item>
-/// <item>fsync(), fdatasync(), syncfs(): FLUSH;</item>
+/// <item>fsync(), fdatasync(): FLUSH (syncfs() too, where the kernel forwards it: it does so for virtiofs only);</item>
 /// <item>fallocate(PUNCH_HOLE|KEEP_SIZE): WRITE_ZEROES that may deallocate (NBD's "trim that reads back as zeroes":
 /// a plain TRIM leaves the contents undefined, which fallocate does not allow, and a loop device turns both
 /// discards and REQ_OP_WRITE_ZEROES into this call);</item>
@@ -285,7 +285,7 @@ internal sealed class BlockDeviceFile
         return WriteThenFlushAsync(offset, source, cancellationToken);
     }
 
-    /// <summary>fsync, fdatasync and syncfs: every completed write becomes durable.</summary>
+    /// <summary>fsync and fdatasync: every completed write becomes durable.</summary>
     public ValueTask FlushAsync(CancellationToken cancellationToken) =>
         (_features & BlockDeviceFeatures.Flush) != 0 ? _device.FlushAsync(cancellationToken) : ValueTask.CompletedTask;
 

@@ -188,6 +188,13 @@ public sealed class FuseMount : IAsyncDisposable
             }
         }
 
+        // An aborted connection leaves its mount behind (stale, ENOTCONN): detach it, unless it is no longer ours
+        // (a new mount may have replaced it).
+        if (MountTable.Find(MountPoint) is { IsSpindle: true } entry && entry.ConnectionId == _connectionId)
+        {
+            _ = MountTable.Unmount(MountPoint, lazy: true);
+        }
+
         // Close /dev/fuse only once every reader has left it: a descriptor closed under a blocked read() could be
         // reused by an unrelated open and read from. If the readers are stuck, the descriptor is left open.
         var ended = await Task.WhenAny(Completion, Task.Delay(_options.UnmountTimeout)).ConfigureAwait(false) == Completion;

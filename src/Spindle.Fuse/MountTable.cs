@@ -156,7 +156,8 @@ public static class MountTable
         return Encoding.UTF8.GetString(bytes.ToArray());
     }
 
-    internal static string Normalize(string path)
+    /// <summary>The absolute form of <paramref name="path"/> as mountinfo writes it (no trailing slash).</summary>
+    public static string Normalize(string path)
     {
         var full = Path.GetFullPath(path);
         return full.Length > 1 ? full.TrimEnd('/') : full;

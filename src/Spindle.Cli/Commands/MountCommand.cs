@@ -196,6 +196,33 @@ internal sealed class MountCommandOptions
         return true;
     }
 
+    /// <summary>The options given, as command-line arguments again (for the attach server).</summary>
+    public IEnumerable<string> ToArguments(ParseResult parse)
+    {
+        foreach (var flag in new[] { ReadOnly, AllowOther, PageCache, Fusermount, Verbose, Quiet })
+        {
+            if (parse.GetValue(flag))
+            {
+                yield return flag.Name;
+            }
+        }
+
+        foreach (var valued in new[] { Create, FileName, MaxTransfer, LogLevel })
+        {
+            if (parse.GetValue(valued) is { } value)
+            {
+                yield return valued.Name;
+                yield return value;
+            }
+        }
+
+        if (parse.GetValue(MaxThreads) is { } threads)
+        {
+            yield return MaxThreads.Name;
+            yield return threads.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        }
+    }
+
     /// <exception cref="ConfigurationException">An option value is not usable.</exception>
     public (FuseMountOptions Mount, MountSourceOptions Source) Build(ParseResult parse)
     {
