@@ -188,9 +188,9 @@ public sealed class FuseMount : IAsyncDisposable
             }
         }
 
-        // An aborted connection leaves its mount behind (stale, ENOTCONN): detach it, unless it is no longer ours
-        // (a new mount may have replaced it).
-        if (MountTable.Find(MountPoint) is { IsSpindle: true } entry && entry.ConnectionId == _connectionId)
+        // An aborted connection leaves its mount behind (stale, ENOTCONN): detach it. A live mount found there is
+        // not ours (connection ids are reused, so a replacement may even carry the same one): leave it alone.
+        if (MountTable.Find(MountPoint) is { IsSpindle: true } entry && entry.ConnectionId == _connectionId && MountTable.IsStale(MountPoint))
         {
             _ = MountTable.Unmount(MountPoint, lazy: true);
         }

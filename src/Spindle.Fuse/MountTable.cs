@@ -119,8 +119,8 @@ public static class MountTable
 
         // 36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue
         var fields = line.Split(' ');
-        var separator = Array.IndexOf(fields, "-", 6);
-        if (fields.Length < 10 || separator < 0 || separator + 2 >= fields.Length ||
+        var separator = fields.Length < 10 ? -1 : Array.IndexOf(fields, "-", 6);
+        if (separator < 0 || separator + 2 >= fields.Length ||
             !int.TryParse(fields[0], out var mountId))
         {
             return false;

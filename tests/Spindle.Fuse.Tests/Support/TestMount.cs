@@ -49,8 +49,8 @@ internal sealed class TestMount : IAsyncDisposable
     }
 
     /// <summary>A memory device of <paramref name="size"/> bytes, mounted.</summary>
-    public static Task<TestMount> MemoryAsync(long size = 64 << 20, FuseMountOptions? options = null, bool readOnly = false) =>
-        CreateAsync(new MemoryBlockDevice(size, readOnly), options);
+    public static Task<TestMount> MemoryAsync(long size = 64 << 20, FuseMountOptions? options = null, bool readOnly = false, Action<InstrumentedBlockDevice>? configure = null) =>
+        CreateAsync(new MemoryBlockDevice(size, readOnly), options, configure);
 
     public async ValueTask DisposeAsync()
     {
