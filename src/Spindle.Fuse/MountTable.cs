@@ -62,9 +62,23 @@ public static class MountTable
 
     /// <summary>
     /// Whether the FUSE mount at <paramref name="mountPoint"/> has lost its server: the kernel then answers every
-    /// access with ENOTCONN. Only meaningful for a path that <see cref="Find"/> reports as a FUSE mount.
+    /// request with ENOTCONN. Asks the server (a forced stat), waiting at most <paramref name="timeout"/> (default
+    /// 5 s) for a live but slow one, which is not stale. Only meaningful for a path <see cref="Find"/> reports as FUSE.
     /// </summary>
-    public static bool IsStale(string mountPoint) => LibC.ProbeErrno(Normalize(mountPoint)) == Errno.ENOTCONN;
+    public static bool IsStale(string mountPoint, TimeSpan? timeout = null)
+    {
+        var path = Normalize(mountPoint);
+        var errno = -1;
+        var probe = new Thread(() => Volatile.Write(ref errno, LibC.StatForceSyncErrno(path)))
+        {
+            IsBackground = true,
+            Name = "spindle-stale-probe",
+        };
+        probe.Start();
+
+        // A server that does not answer leaves the probing thread waiting in the kernel; it is a background thread.
+        return probe.Join(timeout ?? TimeSpan.FromSeconds(5)) && Volatile.Read(ref errno) == Errno.ENOTCONN;
+    }
 
     /// <summary>
     /// Unmounts <paramref name="mountPoint"/>: umount2 when allowed (root), else fusermount3 -u. With

@@ -52,7 +52,7 @@ public sealed class MountLifecycleTests
         // The server's connection dies (as when its process is killed): the mount stays, every access fails.
         first.Mount.Abort();
         await first.Mount.Completion.WaitAsync(Bound, TestContext.Current.CancellationToken);
-        Assert.Equal(-Posix.ENOTCONN, Posix.Probe(first.MountPoint));
+        Assert.Equal(-Posix.ENOTCONN, Posix.Open(first.FilePath, Posix.ORdOnly));
         Assert.True(MountTable.IsStale(first.MountPoint));
 
         // Refused when recovery is off, with the command that fixes it.

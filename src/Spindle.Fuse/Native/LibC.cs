@@ -54,6 +54,9 @@ internal static unsafe partial class LibC
     [LibraryImport("libc", EntryPoint = "access", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     public static partial int Access(string path, int mode);
 
+    [LibraryImport("libc", EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int Statx(int directory, string path, int flags, uint mask, byte* buffer);
+
     [LibraryImport("libc", EntryPoint = "geteuid")]
     public static partial uint GetEffectiveUserId();
 
@@ -145,6 +148,20 @@ internal static unsafe partial class LibC
         return fd >= 0 ? fd : -Marshal.GetLastPInvokeError();
     }
 
-    /// <summary>access(path, F_OK): 0 or the errno (ENOTCONN for a FUSE mount whose server is gone).</summary>
+    /// <summary>
+    /// statx with AT_STATX_FORCE_SYNC: asks the file system itself rather than the attribute cache, so a FUSE mount
+    /// whose server is gone answers ENOTCONN (access(2) may be answered from the cache). Returns 0 or the errno.
+    /// Blocks as long as the file system does.
+    /// </summary>
+    public static int StatForceSyncErrno(string path)
+    {
+        const int AtFdCwd = -100;
+        const int AtStatxForceSync = 0x2000;
+        const uint StatxType = 1;
+        var buffer = stackalloc byte[256];
+        return Statx(AtFdCwd, path, AtStatxForceSync, StatxType, buffer) == 0 ? 0 : Marshal.GetLastPInvokeError();
+    }
+
+    /// <summary>access(path, F_OK): 0 or the errno.</summary>
     public static int ProbeErrno(string path) => Access(path, FOk) == 0 ? 0 : Marshal.GetLastPInvokeError();
 }
