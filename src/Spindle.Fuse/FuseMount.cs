@@ -126,10 +126,12 @@ public sealed class FuseMount : IAsyncDisposable
         }
 
         var errno = MountTable.Unmount(MountPoint, lazy: false);
+        var detached = false;
         if (errno == Errno.EBUSY && lazy)
         {
             FuseLog.BusyDetached(_logger, MountPoint, OpenHandles);
             errno = MountTable.Unmount(MountPoint, lazy: true);
+            detached = errno == 0;
         }
 
         if (errno is not 0 and not Errno.EINVAL and not Errno.ENOENT)
@@ -139,9 +141,10 @@ public sealed class FuseMount : IAsyncDisposable
                 : $"cannot unmount {MountPoint}: {Errno.Describe(errno)}");
         }
 
-        if (!lazy)
+        if (!detached)
         {
-            // The kernel ends the connection as the unmount completes; the readers then see ENODEV.
+            // Unmounted: the kernel ends the connection right away and the readers see ENODEV. (A detached mount
+            // ends only when its last user closes it, which Completion reports.)
             await Completion.WaitAsync(_options.UnmountTimeout, cancellationToken).ConfigureAwait(false);
         }
     }

@@ -29,7 +29,46 @@ public sealed class MountCommandTests
                 Assert.Equal(0, await SpindleCli.StopAsync(process));
                 Assert.Null(MountTable.Find(directory));
                 Assert.Contains("unmounted", output.ToString(), StringComparison.Ordinal);
+                Assert.DoesNotContain("still in use", output.ToString(), StringComparison.Ordinal);
                 Assert.Equal(data, Backends.ReadBacking(FileBlockDeviceAt(image), 1 << 20, data.Length));
+            }
+        }
+        finally
+        {
+            SpindleCli.EnsureUnmounted(directory);
+        }
+    }
+
+    [Fact]
+    public async Task SIGTERM_while_the_file_is_open_serves_it_until_closed()
+    {
+        using var scratch = new TempDirectory();
+        var directory = Directory.CreateDirectory(scratch.File("mnt")).FullName;
+        try
+        {
+            var (process, line, output) = await SpindleCli.StartAsync("mount", "memory:4M", directory);
+            using (process)
+            {
+                using (var file = PosixFile.Open(line, Posix.ORdWr))
+                {
+                    PeerTool.Signal(process, DaemonProcess.SigTerm);
+                    var watch = System.Diagnostics.Stopwatch.StartNew();
+                    while (MountTable.Find(directory) is not null && watch.Elapsed < TimeSpan.FromSeconds(30))
+                    {
+                        await Task.Delay(20, TestContext.Current.CancellationToken);
+                    }
+
+                    // Detached from the directory, yet the open file still reads and writes, and the server waits.
+                    Assert.Null(MountTable.Find(directory));
+                    file.WriteExactly(Patterns.Generate(0, 4096), 0);
+                    Assert.Equal(Patterns.Generate(0, 4096), file.ReadExactly(0, 4096));
+                    Assert.False(process.HasExited);
+                }
+
+                using var wait = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+                await process.WaitForExitAsync(wait.Token);
+                Assert.Equal(0, process.ExitCode);
+                Assert.Contains("still in use", output.ToString(), StringComparison.Ordinal);
             }
         }
         finally
