@@ -35,6 +35,7 @@ internal sealed partial class FuseSession
     private readonly TaskCompletionSource<FuseConnectionInfo> _initialized = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly TaskCompletionSource _completed = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly int _maxIdle;
+    private readonly Func<bool> _isEnded;
 
     private int _threads;
     private int _idle;
@@ -52,6 +53,7 @@ internal sealed partial class FuseSession
         _mountPoint = mountPoint;
         _logger = logger;
         _maxIdle = options.MinThreads + 2;
+        _isEnded = () => _ended;
         _buffers = new RequestBufferPool(options.MaxTransfer + FuseConstants.HeaderRoom, options.MaxInFlight, options.MaxThreads);
     }
 
@@ -145,7 +147,7 @@ internal sealed partial class FuseSession
         {
             while (!_ended)
             {
-                buffer ??= _buffers.Rent(() => _ended);
+                buffer ??= _buffers.Rent(_isEnded);
                 if (buffer is null)
                 {
                     break;

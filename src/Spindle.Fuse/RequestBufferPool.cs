@@ -27,7 +27,7 @@ internal sealed class RequestBufferPool : IDisposable
     /// </summary>
     public byte[]? Rent(Func<bool> stop)
     {
-        for (var attempt = 0; !_outstanding.Wait(TimeSpan.FromSeconds(1)); attempt++)
+        while (!_outstanding.Wait(TimeSpan.FromSeconds(1)))
         {
             if (stop())
             {

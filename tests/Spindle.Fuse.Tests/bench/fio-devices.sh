@@ -49,7 +49,8 @@ run() { # label target [fio options...]
         --size=256M --runtime="$runtime" --time_based --group_reporting --output-format=json 2>/dev/null |
       python3 -c '
 import json, sys
-job = json.load(sys.stdin)["jobs"][0]
+text = sys.stdin.read()
+job = json.loads(text[text.index("{"):])["jobs"][0]  # fio may print notes before the JSON
 side = job["read"] if job["read"]["io_bytes"] else job["write"]
 bw, iops = side["bw"] / 1024, side["iops"]
 print(f"{sys.argv[1]:16} {sys.argv[2]:10} {sys.argv[3]:>3} {bw:10.0f} MiB/s {iops:10.0f} IOPS")
