@@ -150,8 +150,8 @@ public sealed class FuseMount : IAsyncDisposable
     }
 
     /// <summary>
-    /// Ends the connection at once: requests waiting on it fail, the mount (if still attached) answers ENOTCONN
-    /// until unmounted. For a mount that cannot be released otherwise.
+    /// Ends the connection at once (through fusectl, else a forced unmount): requests waiting on it fail, and the
+    /// mount, if still attached, answers ENOTCONN until unmounted. For a mount that cannot be released otherwise.
     /// </summary>
     public void Abort()
     {
@@ -162,9 +162,14 @@ public sealed class FuseMount : IAsyncDisposable
 
         FuseLog.Aborting(_logger, MountPoint);
         _session.CancelOperations();
-        if (_connectionId is { } id)
+        if (_connectionId is not { } id || !MountTable.AbortConnection(id))
         {
-            _ = MountTable.AbortConnection(id);
+            // Without fusectl: a forced unmount aborts a FUSE connection too (fuse_umount_begin), and unmounts
+            // if nothing holds the mount. Only while the mount is still attached to the directory.
+            if (MountTable.Find(MountPoint) is { IsSpindle: true } entry && entry.ConnectionId == _connectionId)
+            {
+                _ = LibC.Unmount(MountPoint, LibC.MntForce);
+            }
         }
     }
 

@@ -102,6 +102,20 @@ public sealed class MountLifecycleTests
     }
 
     [Fact]
+    public async Task A_forced_umount_aborts_the_connection_even_while_busy()
+    {
+        await using var mount = await TestMount.MemoryAsync(1 << 20);
+        using var file = PosixFile.Open(mount.FilePath, Posix.ORdWr);
+
+        // umount -f on FUSE aborts the connection (the fallback of Abort without fusectl), then fails as busy.
+        var result = await PeerTool.RunAsync("umount", ["-f", mount.MountPoint]);
+        Assert.NotEqual(0, result.ExitCode);
+        await mount.Mount.Completion.WaitAsync(Bound, TestContext.Current.CancellationToken);
+        Assert.Equal(-Posix.ENOTCONN, Posix.PWrite(file.Fd, new byte[512], 0));
+        Assert.True(MountTable.IsStale(mount.MountPoint));
+    }
+
+    [Fact]
     public async Task An_unmount_from_outside_ends_the_session()
     {
         await using var mount = await TestMount.MemoryAsync(1 << 20);
