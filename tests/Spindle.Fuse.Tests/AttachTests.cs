@@ -114,6 +114,7 @@ public sealed class AttachTests
         try
         {
             var loop = await AttachAsync("--name", name, "memory:32M");
+            Assert.Equal($"{RunDirectory}/mnt/{name}/disk", LoopDevice.Query(loop)?.BackingFile);
             var pid = ReadState(name).GetProperty("pid").GetInt32();
 
             var duplicate = await SpindleCli.RunAsync("attach", "--name", name, "memory:32M");
@@ -128,7 +129,7 @@ public sealed class AttachTests
             var again = await AttachAsync("--name", name, "memory:32M");
             var newPid = ReadState(name).GetProperty("pid").GetInt32();
             Assert.NotEqual(pid, newPid);
-            Assert.DoesNotContain(LoopDevice.List(), device => device.Device == loop && device.Device != again);
+            Assert.Equal([again], LoopDevice.List().Where(device => device.BackingFile == $"{RunDirectory}/mnt/{name}/disk").Select(device => device.Device));
 
             // And detach cleans up after a killed server too.
             Assert.True(DaemonProcess.Signal(newPid, DaemonProcess.SigKill));
