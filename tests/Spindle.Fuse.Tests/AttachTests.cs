@@ -123,7 +123,9 @@ public sealed class AttachTests
 
             Assert.True(DaemonProcess.Signal(pid, DaemonProcess.SigKill));
             await WaitUntilAsync(() => !DaemonProcess.IsAlive(pid));
-            Assert.True(MountTable.IsStale($"{RunDirectory}/mnt/{name}"));
+
+            // Its last threads may still be going away (the leader is reported dead first); then the mount is stale.
+            await WaitUntilAsync(() => MountTable.IsStale($"{RunDirectory}/mnt/{name}"));
 
             // Attaching the same name again removes the wreckage first.
             var again = await AttachAsync("--name", name, "memory:32M");

@@ -28,8 +28,8 @@ public sealed class MountCommandTests
 
                 Assert.Equal(0, await SpindleCli.StopAsync(process));
                 Assert.Null(MountTable.Find(directory));
-                Assert.Contains("unmounted", output.ToString(), StringComparison.Ordinal);
-                Assert.DoesNotContain("still in use", output.ToString(), StringComparison.Ordinal);
+                Assert.Contains("unmounted", Snapshot(output), StringComparison.Ordinal);
+                Assert.DoesNotContain("still in use", Snapshot(output), StringComparison.Ordinal);
                 Assert.Equal(data, Backends.ReadBacking(FileBlockDeviceAt(image), 1 << 20, data.Length));
             }
         }
@@ -68,7 +68,7 @@ public sealed class MountCommandTests
                 using var wait = new CancellationTokenSource(TimeSpan.FromSeconds(30));
                 await process.WaitForExitAsync(wait.Token);
                 Assert.Equal(0, process.ExitCode);
-                Assert.Contains("still in use", output.ToString(), StringComparison.Ordinal);
+                Assert.Contains("still in use", Snapshot(output), StringComparison.Ordinal);
             }
         }
         finally
@@ -98,7 +98,15 @@ public sealed class MountCommandTests
             using (second)
             {
                 Assert.Equal(8 << 20, new FileInfo(line).Length);
-                Assert.Contains("stale", output.ToString(), StringComparison.Ordinal);
+
+                // The warning is on standard error, which may arrive after the path on standard output.
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                while (!Snapshot(output).Contains("stale", StringComparison.Ordinal) && watch.Elapsed < TimeSpan.FromSeconds(30))
+                {
+                    await Task.Delay(20, TestContext.Current.CancellationToken);
+                }
+
+                Assert.Contains("stale", Snapshot(output), StringComparison.Ordinal);
                 second.Kill();
                 await second.WaitForExitAsync(TestContext.Current.CancellationToken);
             }
@@ -212,6 +220,14 @@ public sealed class MountCommandTests
         Assert.Equal(2, result.ExitCode);
         Assert.Contains("--max-transfer", result.StandardError, StringComparison.Ordinal);
         Assert.True(DaemonProcess.IsRoot, "these tests run as root (mount(2), loop devices)");
+    }
+
+    private static string Snapshot(System.Text.StringBuilder output)
+    {
+        lock (output)
+        {
+            return output.ToString();
+        }
     }
 
     private static Storage.FileBlockDevice FileBlockDeviceAt(string path) => Storage.FileBlockDevice.Open(path, readOnly: true);

@@ -203,6 +203,7 @@ internal static class AttachCommand
     private static async Task<int> RunServerAsync(string name, string source, MountSourceOptions sourceOptions, FuseMountOptions mountOptions, LogLevel level)
     {
         DaemonProcess.StartNewSession();
+        using var signals = new MountSignals();
         using var loggerFactory = CliLogging.Create(level);
         var logger = loggerFactory.CreateLogger("Spindle.Attach");
         var state = (AttachState.Load(name) ?? new AttachState { Name = name }) with
@@ -264,7 +265,7 @@ internal static class AttachCommand
             };
             state.Save();
 
-            await MountCommand.ServeUntilStoppedAsync(mount, logger, beforeUnmount: async () =>
+            await MountCommand.ServeUntilStoppedAsync(mount, signals, logger, beforeUnmount: async () =>
             {
                 // Stopped by a signal rather than by spindle detach: release the loop device if nothing uses it.
                 if (LoopDevice.Query(loop) is { } bound && bound.BackingFile == mount.FilePath)

@@ -66,6 +66,9 @@ internal static class MountCommand
 
     private static async Task<int> RunAsync(string source, string directory, MountSourceOptions sourceOptions, FuseMountOptions mountOptions, ILogger logger, CancellationToken cancellationToken)
     {
+        // Before anything is mounted: a signal arriving between the mount and the registration would otherwise
+        // kill the process with its default action and leave a stale mount.
+        using var signals = new MountSignals();
         BlockDevice device;
         try
         {
@@ -90,21 +93,21 @@ internal static class MountCommand
 
             Console.Out.WriteLine(mount.FilePath);
             Console.Out.Flush();
-            await ServeUntilStoppedAsync(mount, logger, beforeUnmount: null).ConfigureAwait(false);
+            await ServeUntilStoppedAsync(mount, signals, logger, beforeUnmount: null).ConfigureAwait(false);
             return 0;
         }
     }
 
     /// <summary>
-    /// Serves <paramref name="mount"/> until it is unmounted from outside or a signal arrives. The first SIGINT,
+    /// Serves <paramref name="mount"/> until it is unmounted from outside or a signal arrives (<paramref name="signals"/>,
+    /// registered before mounting so that no signal finds the default action in place). The first SIGINT,
     /// SIGTERM or SIGHUP unmounts (after <paramref name="beforeUnmount"/>), lazily if the file is in use, and keeps
     /// serving until the kernel releases it; a second one aborts the connection. The device is flushed on the way out.
     /// </summary>
-    internal static async Task ServeUntilStoppedAsync(FuseMount mount, ILogger logger, Func<Task>? beforeUnmount)
+    internal static async Task ServeUntilStoppedAsync(FuseMount mount, MountSignals signals, ILogger logger, Func<Task>? beforeUnmount)
     {
         await using (mount.ConfigureAwait(false))
         {
-            using var signals = new MountSignals();
             if (await Task.WhenAny(signals.First, mount.Completion).ConfigureAwait(false) != mount.Completion)
             {
                 logger.LogInformation("Stopping: unmounting {MountPoint}", mount.MountPoint);
