@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using Spindle.Cli.Hosting;
 using Spindle.Fuse;
 using Spindle.Fuse.Devices;
@@ -25,6 +26,9 @@ internal static class DetachCommand
           spindle detach scratch
           spindle detach /mnt/d
         """;
+
+    /// <summary>EBUSY: unmount refused because the mount is in use.</summary>
+    private const int Busy = 16;
 
     private static readonly TimeSpan ServerExitTimeout = TimeSpan.FromSeconds(30);
 
@@ -123,14 +127,14 @@ internal static class DetachCommand
         {
             var stale = entry.IsFuse && MountTable.IsStale(mountPoint);
             var errno = MountTable.Unmount(mountPoint, lazy: stale);
-            if (errno == Native.BusyErrno)
+            if (errno == Busy)
             {
                 throw new FuseMountException(errno, $"{mountPoint}/{Path.GetFileName(state?.File ?? "disk")} is open by a process (see: fuser -m {mountPoint}); close it first");
             }
 
             if (errno != 0 && MountTable.Find(mountPoint) is not null)
             {
-                throw new FuseMountException(errno, $"cannot unmount {mountPoint}: {System.Runtime.InteropServices.Marshal.GetPInvokeErrorMessage(errno)}");
+                throw new FuseMountException(errno, $"cannot unmount {mountPoint}: {Marshal.GetPInvokeErrorMessage(errno)}");
             }
         }
 
@@ -177,9 +181,9 @@ internal static class DetachCommand
         var errno = MountTable.Unmount(path, lazy: stale);
         if (errno != 0)
         {
-            return CliErrors.Fail(errno == Native.BusyErrno
+            return CliErrors.Fail(errno == Busy
                 ? $"{path} is in use (a loop device bound to its file, or an open file: see losetup -a, fuser -m {path})"
-                : $"cannot unmount {path}: {System.Runtime.InteropServices.Marshal.GetPInvokeErrorMessage(errno)}");
+                : $"cannot unmount {path}: {Marshal.GetPInvokeErrorMessage(errno)}");
         }
 
         Console.Error.WriteLine(stale ? $"spindle: removed the stale mount on {path}" : $"spindle: unmounted {path}");
@@ -200,10 +204,5 @@ internal static class DetachCommand
         }
 
         return true;
-    }
-
-    private static class Native
-    {
-        public const int BusyErrno = 16;
     }
 }

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
 using Spindle.Fuse;
@@ -278,15 +279,15 @@ internal sealed class MountSignals : IDisposable
 {
     private readonly TaskCompletionSource _first = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly TaskCompletionSource _second = new(TaskCreationOptions.RunContinuationsAsynchronously);
-    private readonly System.Runtime.InteropServices.PosixSignalRegistration[] _registrations;
+    private readonly PosixSignalRegistration[] _registrations;
 
     public MountSignals()
     {
         _registrations =
         [
-            System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, Handle),
-            System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, Handle),
-            System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGHUP, Handle),
+            PosixSignalRegistration.Create(PosixSignal.SIGINT, Handle),
+            PosixSignalRegistration.Create(PosixSignal.SIGTERM, Handle),
+            PosixSignalRegistration.Create(PosixSignal.SIGHUP, Handle),
         ];
     }
 
@@ -302,7 +303,7 @@ internal sealed class MountSignals : IDisposable
         }
     }
 
-    private void Handle(System.Runtime.InteropServices.PosixSignalContext context)
+    private void Handle(PosixSignalContext context)
     {
         context.Cancel = true;
         if (!_first.TrySetResult())
