@@ -12,6 +12,8 @@ packages=(
   fio               # benchmark (nbd engine)
   fuse3             # spindle mount
   e2fsprogs         # mkfs.ext4 / fsck for end-to-end device tests
+  mount             # losetup, mount, umount: spindle attach and the device tests
+  util-linux        # fallocate, fstrim, blockdev for the device tests
   openssl           # certificates for the TLS tests
   gnutls-bin        # certtool, as nbdkit and qemu users make certificates
   iproute2 procps psmisc

@@ -11,6 +11,9 @@ var root = new RootCommand("Spindle: a network block device server and client sp
     InfoCommand.Create(),
     CopyCommand.Create(),
     DumpCommand.Create(),
+    MountCommand.Create(),
+    AttachCommand.Create(),
+    DetachCommand.Create(),
 };
 
 var configuration = new InvocationConfiguration
