@@ -56,12 +56,18 @@ try
         {
             foreach (var server in order)
             {
+                await server.EnsureRunningAsync();
                 var result = await workload.RunAsync(server, options, work, round, root);
                 results.Add(result);
                 Console.WriteLine($"bench: round {round + 1}/{options.Rounds} {workload.Name,-20} {server.Name,-10} {result.Summary}");
             }
         }
     }
+}
+catch
+{
+    Directory.Delete(work, recursive: true);
+    throw;
 }
 finally
 {

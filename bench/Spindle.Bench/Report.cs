@@ -37,6 +37,12 @@ internal static class Report
         Line();
         Line("## Results");
         Line();
+        foreach (var restarted in servers.Where(s => s.Restarts > 0))
+        {
+            Line($"Note: {restarted.Name} was found dead and restarted {restarted.Restarts} time(s) during the run.");
+            Line();
+        }
+
         Line($"Medians of {options.Rounds} rounds of {options.Duration.TotalSeconds:F0} s; the spread is min-max over the rounds.");
         Line();
 
