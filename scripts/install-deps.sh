@@ -15,6 +15,11 @@ packages=(
   openssl           # certificates for the TLS tests
   gnutls-bin        # certtool, as nbdkit and qemu users make certificates
   iproute2 procps psmisc
+  qemu-system-x86   # boots a Debian kernel with nbd.ko for the kernel client tests (scripts/kernel-vm)
+  cpio              # packs that VM's initramfs
+  xz-utils          # unpacks its kernel (booted uncompressed)
+  busybox-static    # the VM's userland
+  nbd-client        # copied into the VM: the real kernel client's userspace half
 )
 
 missing=()
