@@ -101,7 +101,11 @@ internal sealed class ReplyWriter
                 continue;
             }
 
-            Volatile.Write(ref _sending, 0);
+            // A full fence, not a release store: the check of the queue below must not be satisfied before the reset
+            // is visible. Otherwise (a store-load reordering x86 allows) an Enqueue can slip in between, see
+            // _sending still set and leave, while this sender reads the queue as empty and leaves too: that reply
+            // would wait for the next one on the connection, and a client waiting for it hangs.
+            Interlocked.Exchange(ref _sending, 0);
 
             // A reply queued between the last dequeue and the flag reset would otherwise wait for the next enqueue.
             if (_queue.IsEmpty || Volatile.Read(ref _held) != 0 || Interlocked.CompareExchange(ref _sending, 1, 0) != 0)
