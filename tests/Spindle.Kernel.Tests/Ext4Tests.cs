@@ -47,7 +47,7 @@ public sealed class Ext4Tests(KernelVm vm)
                 step disconnect_again nbd-client -d /dev/nbd0
                 """,
                 new Dictionary<string, byte[]> { ["pattern.bin"] = pattern });
-            await BlockIoTests.WaitForDisconnectAsync(server, expected: 2);
+            await server.WaitForDisconnectsAsync(expected: 2);
         }
 
         report.AssertCompleted();

@@ -76,7 +76,7 @@ public sealed class MultiConnectionTests(KernelVm vm)
             // While the guest waits at the barrier, count what each of the server's TCP connections has received.
             await barrier.InspectAsync(run, async () => received = await HostBarrier.BytesReceivedByServerAsync(server.Port));
             report = await run;
-            logs = await BlockIoTests.WaitForDisconnectAsync(server, expected: WarmUpDevices + Connections + 1);
+            logs = await server.WaitForDisconnectsAsync(expected: WarmUpDevices + Connections + 1);
 
             report.AssertCompleted();
             report.AssertSucceeded("warm_workers", "connect", "parallel", "disconnect", "single_one", "single_disconnect");

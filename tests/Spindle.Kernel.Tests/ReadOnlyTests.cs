@@ -41,7 +41,7 @@ public sealed class ReadOnlyTests(KernelVm vm)
                 report size_after "$(cat /sys/block/nbd0/size)"
                 step check nbd-client -c /dev/nbd0
                 """);
-            logs = await BlockIoTests.WaitForDisconnectAsync(server, expected: 1);
+            logs = await server.WaitForDisconnectsAsync(expected: 1);
         }
 
         report.AssertCompleted();
@@ -64,7 +64,7 @@ public sealed class ReadOnlyTests(KernelVm vm)
         Assert.Contains(logs, l => l.Contains("failed with EIO", StringComparison.Ordinal));
         Assert.Equal(head, report.Result("head_sha_again"));
 
-        // nbd-client -d: NBD_CMD_DISC reached the server (WaitForDisconnectAsync), the device is gone.
+        // nbd-client -d: NBD_CMD_DISC reached the server (WaitForDisconnectsAsync), the device is gone.
         Assert.Equal(0, report.ResultInt64("size_after"));
         Assert.NotEqual(0, report.StepExitCode("check"));
         Assert.Contains(logs, l => l.Contains("export ro ", StringComparison.Ordinal) && l.Contains("ReadOnly", StringComparison.Ordinal));
