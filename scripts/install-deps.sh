@@ -20,6 +20,11 @@ packages=(
   # Ceph: a throwaway cluster for the RBD backend's tests (scripts/ceph-cluster.sh), the client libraries the
   # backend loads, python3-rbd to read images back independently, and qemu's rbd driver (the benchmark's peer).
   ceph-mon ceph-osd ceph-mgr ceph-common librados2 librbd1 python3-rados python3-rbd qemu-block-extra
+  qemu-system-x86   # boots a Debian kernel with nbd.ko for the kernel client tests (scripts/kernel-vm)
+  cpio              # packs that VM's initramfs
+  xz-utils          # unpacks its kernel (booted uncompressed)
+  busybox-static    # the VM's userland
+  nbd-client        # copied into the VM: the real kernel client's userspace half
 )
 
 missing=()

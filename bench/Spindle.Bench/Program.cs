@@ -17,9 +17,10 @@ Console.WriteLine($"bench: work directory {work}");
 Console.WriteLine($"bench: writing a {options.ImageBytes >> 20} MiB image of random data");
 await WriteRandomImageAsync(image, options.ImageBytes);
 
+var spindleBinary = File.Exists(Path.Combine(root, "artifacts/spindle/spindle")) ? Path.Combine(root, "artifacts/spindle/spindle") : Path.Combine(root, "src/Spindle.Cli/bin/Release/net10.0/spindle");
 var servers = new List<ServerUnderTest>
 {
-    new SpindleServer(Path.Combine(root, "src/Spindle.Cli/bin/Release/net10.0/spindle")),
+    new SpindleServer(spindleBinary),
     new NbdkitServer(),
     new NbdServerServer(),
     new QemuNbdServer(),
@@ -56,12 +57,34 @@ try
         {
             foreach (var server in order)
             {
+                await server.EnsureRunningAsync();
                 var result = await workload.RunAsync(server, options, work, round, root);
                 results.Add(result);
                 Console.WriteLine($"bench: round {round + 1}/{options.Rounds} {workload.Name,-20} {server.Name,-10} {result.Summary}");
             }
         }
+
+        // The copy tools, both reading the export Spindle serves: this compares clients, not servers.
+        if (servers.FirstOrDefault(s => s.Name == "spindle") is { } source)
+        {
+            foreach (var destination in CopyWorkload.Destinations.Where(d => options.Workloads is null || options.Workloads.Contains($"copy-to-{d}")))
+            {
+                var tools = round % 2 == 0 ? CopyWorkload.Tools : CopyWorkload.Tools.Reverse().ToArray();
+                foreach (var tool in tools)
+                {
+                    await source.EnsureRunningAsync();
+                    var result = await CopyWorkload.RunAsync(tool, destination, source.Uri, options.ImageBytes, spindleBinary, work, round);
+                    results.Add(result);
+                    Console.WriteLine($"bench: round {round + 1}/{options.Rounds} {result.Workload,-20} {tool,-10} {result.BytesPerSecond / (1 << 20),9:F1} MiB/s in {result.MeanMicroseconds / 1e6:F2} s, cpu {result.CpuSeconds:F2} s");
+                }
+            }
+        }
     }
+}
+catch
+{
+    Directory.Delete(work, recursive: true);
+    throw;
 }
 finally
 {
@@ -74,7 +97,7 @@ finally
 var report = Report.Build(options, servers, results, limits);
 var jsonPath = Path.Combine(root, "bench", "results", $"run-{DateTime.UtcNow:yyyyMMdd-HHmmss}.json");
 Directory.CreateDirectory(Path.GetDirectoryName(jsonPath)!);
-await File.WriteAllTextAsync(jsonPath, JsonSerializer.Serialize(new { options = options.ToString(), limits, results }, new JsonSerializerOptions { WriteIndented = true }));
+await File.WriteAllTextAsync(jsonPath, JsonSerializer.Serialize(new { options = options.ToString(), limits, results }, new JsonSerializerOptions { WriteIndented = true, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
 if (options.Output is not null)
 {
     await File.WriteAllTextAsync(options.Output, report);
@@ -153,7 +176,7 @@ namespace Spindle.Bench
                         Console.Error.WriteLine($"""
                             unknown argument '{args[i]}'
                             usage: bench/run [--rounds N (3)] [--seconds S (10)] [--image-mib M (1024)] [--quick]
-                                             [--servers spindle,nbdkit,nbd-server,qemu-nbd] [--workloads {string.Join(',', Workload.All.Select(w => w.Name))}]
+                                             [--servers spindle,nbdkit,nbd-server,qemu-nbd] [--workloads {string.Join(',', Workload.All.Select(w => w.Name).Concat(CopyWorkload.Names))}]
                                              [--output FILE (docs/performance.md) | --stdout]
                             """);
                         return null;

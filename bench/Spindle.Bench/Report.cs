@@ -37,6 +37,12 @@ internal static class Report
         Line();
         Line("## Results");
         Line();
+        foreach (var restarted in servers.Where(s => s.Restarts > 0))
+        {
+            Line($"Note: {restarted.Name} was found dead and restarted {restarted.Restarts} time(s) during the run.");
+            Line();
+        }
+
         Line($"Medians of {options.Rounds} rounds of {options.Duration.TotalSeconds:F0} s; the spread is min-max over the rounds.");
         Line();
 
@@ -70,6 +76,29 @@ internal static class Report
                 var what = workload.Metric == Metric.Latency ? "mean latency (lower is better)" : workload.Metric == Metric.Iops ? "IOPS" : "throughput";
                 Line();
                 Line($"Spindle / best peer ({best.Peer}), {what}: **{best.Ratio.ToString("F2", CultureInfo.InvariantCulture)}x**");
+            }
+
+            Line();
+        }
+
+        var copies = results.Where(r => r.Workload.StartsWith("copy-to-", StringComparison.Ordinal)).ToList();
+        if (copies.Count > 0)
+        {
+            Line("### Copying the whole export: `spindle copy` and `nbdcopy`");
+            Line();
+            Line("Both tools read the export Spindle serves, with their default settings, to `null:` (read and discard) and to a");
+            Line("file in the work directory; the whole process is timed, start-up included. CPU is the copying process's user +");
+            Line("system time.");
+            Line();
+            Line("| destination | tool | MiB/s | seconds | client CPU (s) |");
+            Line("|---|---|---:|---:|---:|");
+            foreach (var group in copies.GroupBy(r => r.Workload))
+            {
+                foreach (var tool in group.GroupBy(r => r.Server))
+                {
+                    var runs = tool.ToList();
+                    Line($"| {group.Key["copy-to-".Length..]} | {tool.Key} | {Cell(runs, r => r.BytesPerSecond / (1 << 20), "F0")} | {Cell(runs, r => r.MeanMicroseconds / 1e6, "F2")} | {Cell(runs, r => r.CpuSeconds, "F2")} |");
+                }
             }
 
             Line();
@@ -122,6 +151,17 @@ internal static class Report
             if (floor > 0)
             {
                 Target("4k QD1 mean latency within 15% of the round-trip floor", $"{mean:F1} us vs {floor:F1} us floor (+{(mean / floor - 1) * 100:F0}%)", mean <= floor * 1.15);
+            }
+        }
+
+        foreach (var group in copies.GroupBy(r => r.Workload))
+        {
+            var mine = group.Where(r => r.Server == Spindle).Select(r => r.BytesPerSecond).ToList();
+            var theirs = group.Where(r => r.Server != Spindle).Select(r => r.BytesPerSecond).ToList();
+            if (mine.Count > 0 && theirs.Count > 0)
+            {
+                var ratio = Median(mine) / Median(theirs);
+                Target($"{group.Key}: spindle copy at least as fast as nbdcopy", $"{ratio:F2}x", ratio >= 1);
             }
         }
 

@@ -21,12 +21,53 @@ internal abstract class ServerUnderTest : IAsyncDisposable
 
     public string Version { get; protected set; } = "?";
 
+    private string _image = string.Empty;
+    private string _work = string.Empty;
+
+    /// <summary>How many times the server had to be started again because it was gone.</summary>
+    public int Restarts { get; private set; }
+
     public async Task StartAsync(string image, int port, string workDirectory)
     {
         Port = port;
+        _image = image;
+        _work = workDirectory;
         _process = Launch(image, port, workDirectory);
         Pid = _process?.Id ?? Pid;
         await WaitForPortAsync(port);
+    }
+
+    /// <summary>
+    /// Before each run: if the server died (or something else killed it) start it again on the same port, and count
+    /// it, so one lost process does not lose the whole benchmark and the report says it happened.
+    /// </summary>
+    public async Task EnsureRunningAsync()
+    {
+        if (IsAlive())
+        {
+            return;
+        }
+
+        Restarts++;
+        Console.WriteLine($"bench: {Name} is gone; starting it again ({Restarts})");
+        _process?.Dispose();
+        _process = Launch(_image, Port, _work);
+        Pid = _process?.Id ?? Pid;
+        await WaitForPortAsync(Port);
+    }
+
+    private bool IsAlive()
+    {
+        try
+        {
+            using var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
+            socket.Connect("127.0.0.1", Port);
+            return File.Exists($"/proc/{Pid}/stat");
+        }
+        catch (SocketException)
+        {
+            return false;
+        }
     }
 
     protected abstract Process? Launch(string image, int port, string workDirectory);

@@ -185,6 +185,22 @@ public sealed class NbdServer : IAsyncDisposable
     }
 
     /// <summary>
+    /// Cuts every client connection at once, as a network failure would (the server keeps listening). For testing
+    /// clients that must survive it, and for an operator who needs every client to reconnect.
+    /// </summary>
+    public int DisconnectAll()
+    {
+        var count = 0;
+        foreach (var (connection, _) in _connections.Values)
+        {
+            connection.Abort();
+            count++;
+        }
+
+        return count;
+    }
+
+    /// <summary>
     /// Stops gracefully: closes the listeners, lets every connection finish the requests it has in flight (new ones are
     /// not read), flushes every writable export, and after <see cref="ServerOptions.ShutdownTimeout"/> cuts what is left.
     /// </summary>

@@ -81,6 +81,7 @@ public sealed class CliTests
         var list = await PeerTool.RunCheckedAsync("nbdinfo", ["--list", "--json", spindle.Uri!]);
         using var json = JsonDocument.Parse(list.StandardOutput);
         var exports = json.RootElement.GetProperty("exports").EnumerateArray()
+            .Where(e => !e.GetProperty("export-name").GetString()!.StartsWith("by-", StringComparison.Ordinal))
             .ToDictionary(e => e.GetProperty("export-name").GetString()!, e => e.GetProperty("export-size").GetInt64());
         Assert.Equal(new Dictionary<string, long> { ["first"] = 8 << 20, ["second"] = 2 << 20, ["third"] = 3 << 20 }, exports);
         Assert.Equal(3 << 20, new FileInfo(directory.File("created.img")).Length);
@@ -170,6 +171,29 @@ public sealed class CliTests
 
         await using var second = await SpindleProcess.StartAsync("serve", "--memory", "1M", "--bind", "127.0.0.1", "--port", port, "--print-uri");
         await PeerTool.RunCheckedAsync("nbdinfo", [second.Uri!]);
+    }
+
+    [Fact]
+    public async Task Stable_names_from_the_command_line_and_sigusr1_cuts_every_connection()
+    {
+        using var directory = new TempDirectory();
+        var image = directory.CreateSparseFile("disk.img", 4 << 20);
+        const string uuid = "0b2e3f4a-5c6d-4e7f-8a9b-0c1d2e3f4a5b";
+        await using var spindle = await SpindleProcess.StartAsync("serve", "--bind", "127.0.0.1", "--port", "0", "--print-uri", "--uuid", uuid, "--label", "scratch", "--serial", "SN-7", image);
+        var port = new Uri(spindle.Uri!).Port;
+        foreach (var alias in new[] { "by-uuid/" + uuid, "by-label/scratch", "by-serial/SN-7" })
+        {
+            var size = await PeerTool.RunCheckedAsync("nbdinfo", ["--size", $"nbd://127.0.0.1:{port}/{alias}"]);
+            Assert.Equal((4 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture), size.StandardOutput.Trim());
+        }
+
+        // A connected client is cut by SIGUSR1 while the server keeps listening.
+        await using var client = await RawNbdClient.ConnectAsync(new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, port));
+        await client.NegotiateAsync("");
+        PeerTool.Signal(spindle.Process, 10);
+        Assert.True(await client.WaitForCloseAsync(TimeSpan.FromSeconds(10)));
+        await spindle.WaitForLineAsync(line => line.Contains("SIGUSR1: cut 1 client connections", StringComparison.Ordinal), TimeSpan.FromSeconds(10));
+        await PeerTool.RunCheckedAsync("nbdinfo", ["--size", spindle.Uri!]);
     }
 
     [Fact]

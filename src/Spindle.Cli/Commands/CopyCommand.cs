@@ -31,7 +31,7 @@ internal static class CopyCommand
     public static Command Create()
     {
         var sourceArgument = new Argument<string>("source") { Description = "An NBD URI, a file or a block device to copy from." };
-        var destinationArgument = new Argument<string>("destination") { Description = "An NBD URI, a file or a block device to copy to." };
+        var destinationArgument = new Argument<string>("destination") { Description = "An NBD URI, a file or a block device to copy to, or null: to read the source and discard it (a read benchmark)." };
         var connections = new Option<int>("--connections", "-C")
         {
             Description = "Connections to each NBD end that advertises multi-conn.",
@@ -169,6 +169,11 @@ internal static class CopyCommand
 
     private static async Task<CopyEndpoint> OpenDestinationAsync(string name, long size, CopySettings settings, CancellationToken cancellationToken)
     {
+        if (name == NullCopyEndpoint.DestinationName)
+        {
+            return new NullCopyEndpoint(size);
+        }
+
         if (!NbdUri.LooksLikeUri(name))
         {
             return await FileCopyEndpoint.OpenDestinationAsync(name, size).ConfigureAwait(false);

@@ -245,3 +245,31 @@ internal sealed class FileCopyEndpoint(FileBlockDevice device, string name) : Co
         return new FileCopyEndpoint(FileBlockDevice.Open(path, readOnly: false, createSize: size), path) { IsZero = true };
     }
 }
+
+/// <summary>
+/// <c>null:</c> as a destination: everything is read from the source and thrown away (as nbdcopy's null:), to
+/// measure how fast a source can be read.
+/// </summary>
+internal sealed class NullCopyEndpoint(long size) : CopyEndpoint
+{
+    public const string DestinationName = "null:";
+
+    public override string Name => DestinationName;
+
+    public override string Kind => "null";
+
+    public override long Size => size;
+
+    public override bool CanZero => true;
+
+    public override ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken) =>
+        throw new NotSupportedException("null: can only be a destination");
+
+    public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) => ValueTask.CompletedTask;
+
+    public override ValueTask<bool> TryZeroAsync(long offset, long length, bool allocate, CancellationToken cancellationToken) => ValueTask.FromResult(true);
+
+    public override ValueTask FlushAsync(CancellationToken cancellationToken) => ValueTask.CompletedTask;
+
+    public override ValueTask DisposeAsync() => ValueTask.CompletedTask;
+}

@@ -76,6 +76,10 @@ internal static class ServeCommand
             Description = "Serve every image below DIR by its relative name, opened on demand; DIR may contain %SESSNAME% (the client's TLS identity or --session name).",
         };
         var sessions = new Option<string[]>("--session") { Description = "NAME=ADDRESS[/PREFIX]: the session name of clients from there (repeatable)." };
+        var uuid = new Option<string?>("--uuid") { Description = "The export's UUID (clients may ask for by-uuid/UUID) [default: generated once and kept with the image]." };
+        var label = new Option<string?>("--label") { Description = "A label clients may ask for as by-label/LABEL." };
+        var serial = new Option<string?>("--serial") { Description = "A serial number clients may ask for as by-serial/SERIAL." };
+        var stateDir = new Option<string?>("--state-dir") { Description = "Where UUIDs that cannot be kept in the image's xattr are stored [default: /var/lib/spindle for root]." };
         var idleTimeout = new Option<double?>("--idle-timeout") { Description = "Close connections idle (nothing in flight) for this many seconds [default: never]." };
         var handshakeTimeout = new Option<double?>("--handshake-timeout") { Description = "Seconds a client has to finish negotiating [default: 10]." };
         var shutdownTimeout = new Option<double?>("--shutdown-timeout") { Description = "Seconds a stop waits for in-flight requests [default: 10]." };
@@ -88,7 +92,7 @@ internal static class ServeCommand
         var command = new Command("serve", Examples)
         {
             image, port, bind, unix, name, description, readOnly, memory, create, config, rbdConf, rbdId, rbdKeyring, noList,
-            directory, sessions, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
+            directory, sessions, uuid, label, serial, stateDir, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
         };
 
         command.SetAction(async (parse, cancellationToken) =>
@@ -165,6 +169,32 @@ internal static class ServeCommand
                 }
 
                 configuration.LoadTls();
+                if (parse.GetValue(stateDir) is { } state)
+                {
+                    configuration.StateDirectory = state;
+                }
+
+                if (parse.GetValue(uuid) is { } uuidText || parse.GetValue(label) is not null || parse.GetValue(serial) is not null)
+                {
+                    if (configuration.Exports.Count != 1)
+                    {
+                        throw new ConfigurationException("--uuid, --label and --serial name one export: with --config, set uuid, label and serial in its section");
+                    }
+
+                    var exportOptions = configuration.Exports[0].Options;
+                    if (parse.GetValue(uuid) is { } text)
+                    {
+                        exportOptions.Uuid = Guid.TryParse(text, out var parsed) ? parsed : throw new ConfigurationException($"--uuid '{text}' is not a UUID");
+                    }
+
+                    foreach (var (value, setter, what) in new (string?, Action<string>, string)[] { (parse.GetValue(label), v => exportOptions.Label = v, "--label"), (parse.GetValue(serial), v => exportOptions.Serial = v, "--serial") })
+                    {
+                        if (value is not null)
+                        {
+                            setter(ExportIdentity.IsValidTag(value, out var problem) ? value : throw new ConfigurationException($"{what} '{value}' {problem}"));
+                        }
+                    }
+                }
 
                 if (parse.GetValue(maxConnections) is { } connections)
                 {
@@ -336,7 +366,7 @@ internal static class ServeCommand
             logger.LogWarning("{Warning}", warning);
         }
 
-        await using var catalog = new ExportCatalog { DefaultExportName = configuration.DefaultExport };
+        await using var catalog = new ExportCatalog { DefaultExportName = configuration.DefaultExport, ListAliases = configuration.ListAliases };
         try
         {
             foreach (var definition in configuration.Exports)
@@ -372,7 +402,10 @@ internal static class ServeCommand
 
                 try
                 {
-                    catalog.Add(new Export(definition.Options, device));
+                    var export = new Export(definition.Options, device);
+                    export.Uuid = ExportIdentity.Assign(definition.Options, device, configuration.StateDirectory ?? ExportIdentity.DefaultStateDirectory(), out var uuidNote);
+                    logger.LogDebug("Export '{Export}' uuid {Uuid} ({Note})", export.Name, export.Uuid, uuidNote);
+                    catalog.Add(export);
                 }
                 catch (ArgumentException exception)
                 {
@@ -421,6 +454,13 @@ internal static class ServeCommand
         }
 
         using var stop = new ShutdownSignal(logger);
+
+        // SIGUSR1 cuts every client connection (the server keeps listening): clients that reconnect carry on.
+        using var cut = PosixSignalRegistration.Create((PosixSignal)10, context =>
+        {
+            context.Cancel = true;
+            logger.LogWarning("SIGUSR1: cut {Count} client connections", server.DisconnectAll());
+        });
         await stop.WaitAsync().ConfigureAwait(false);
         logger.LogInformation("Stopping: finishing in-flight requests and flushing");
         await server.StopAsync().ConfigureAwait(false);

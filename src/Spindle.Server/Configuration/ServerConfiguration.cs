@@ -135,6 +135,12 @@ public sealed class ServerConfiguration
         Server.Tls = Tls.Load();
     }
 
+    /// <summary>Where export UUIDs that cannot live in a file attribute are kept ([generic] state_dir).</summary>
+    public string? StateDirectory { get; set; }
+
+    /// <summary>[generic] list_aliases: whether LIST shows by-uuid/, by-label/ and by-serial/ names too.</summary>
+    public bool ListAliases { get; set; }
+
     /// <summary>[generic] port; default 10809.</summary>
     public int? Port { get; set; }
 
@@ -396,6 +402,12 @@ public static class IniConfigurationReader
             case "tls_verify_peer":
                 Tls(configuration).VerifyPeer = ParseBool(value, where, key);
                 break;
+            case "state_dir":
+                configuration.StateDirectory = ResolvePath(value, directory);
+                break;
+            case "list_aliases":
+                configuration.ListAliases = ParseBool(value, where, key);
+                break;
             case "session_names":
                 foreach (var entry in value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
                 {
@@ -479,6 +491,26 @@ public static class IniConfigurationReader
                 break;
             case "multiconn":
                 options.MultiConn = ParseBool(value, where, key);
+                break;
+            case "uuid":
+                options.Uuid = Guid.TryParse(value, out var uuid) ? uuid : throw new ConfigurationException($"{where}: '{value}' is not a UUID");
+                break;
+            case "label":
+            case "serial":
+                if (!ExportIdentity.IsValidTag(value, out var tagProblem))
+                {
+                    throw new ConfigurationException($"{where}: {key} '{value}' {tagProblem}");
+                }
+
+                if (key.Equals("label", StringComparison.OrdinalIgnoreCase))
+                {
+                    options.Label = value;
+                }
+                else
+                {
+                    options.Serial = value;
+                }
+
                 break;
             case "prefix":
                 export.Prefix = value.Trim('/');

@@ -285,6 +285,13 @@ internal sealed partial class NbdConnection
             if (IsVisible(export.Options) && IsAllowed(export.Options, out _))
             {
                 WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(export.Name, export.Options.Description));
+                if (_server.Catalog.ListAliases)
+                {
+                    foreach (var alias in export.Aliases)
+                    {
+                        WriteReply(NbdOption.List, OptionReplyType.Server, ServerReply.Create(alias, $"= {export.Name}"));
+                    }
+                }
             }
         }
 
@@ -407,8 +414,10 @@ internal sealed partial class NbdConnection
         ReleaseIfDynamic(export);
 
         var matchesAllocation = !set && request.Queries.Count == 0;
+        var identity = false;
         foreach (var query in request.Queries)
         {
+            identity |= !set && query == ExportIdentity.MetaNamespace;
             var colon = query.IndexOf(':', StringComparison.Ordinal);
             if (colon <= 0)
             {
@@ -420,6 +429,21 @@ internal sealed partial class NbdConnection
             if (query == MetaContexts.BaseAllocation || (!set && query == MetaContexts.BaseNamespace))
             {
                 matchesAllocation = true;
+            }
+        }
+
+        if (identity)
+        {
+            // The export's stable names, for clients that make /dev/disk/by-*-style links (see ExportIdentity).
+            WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, $"{ExportIdentity.MetaNamespace}uuid={export.Uuid:D}"));
+            if (export.Options.Label is { } label)
+            {
+                WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, $"{ExportIdentity.MetaNamespace}label={label}"));
+            }
+
+            if (export.Options.Serial is { } serial)
+            {
+                WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, $"{ExportIdentity.MetaNamespace}serial={serial}"));
             }
         }
 

@@ -47,6 +47,9 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
     public void Enqueue(TransmissionRequest request)
     {
         _queue.Enqueue(request);
+
+        // The enqueue's last write is a release store: fence before reading the flags (see FinishSending).
+        Interlocked.MemoryBarrier();
         if (Volatile.Read(ref _held) == 0)
         {
             TryStartSending();
@@ -62,7 +65,8 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
 
     public void Release()
     {
-        Volatile.Write(ref _held, 0);
+        // A full fence between clearing the hold and looking at the queue (see FinishSending).
+        Interlocked.Exchange(ref _held, 0);
         if (!_queue.IsEmpty)
         {
             TryStartSending();
@@ -209,9 +213,15 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
     }
 
     /// <summary>Gives up the sender role. False when a reply slipped in meanwhile and this thread took the role back.</summary>
+    /// <remarks>
+    /// Every hand-off here is a pair "write my flag, then read the other side's state" against "write the queue, then
+    /// read my flag". Each write is followed by a full fence (Interlocked), never a release store alone: x86 lets a
+    /// later load pass an earlier store, and then both sides could conclude the other will send, leaving a reply
+    /// queued until the next one arrives (a client with one request in flight would hang).
+    /// </remarks>
     private bool FinishSending()
     {
-        Volatile.Write(ref _sending, 0);
+        Interlocked.Exchange(ref _sending, 0);
 
         // A reply queued between the last dequeue and the flag reset would otherwise wait for the next enqueue.
         return _queue.IsEmpty || Volatile.Read(ref _held) != 0 || Interlocked.CompareExchange(ref _sending, 1, 0) != 0;

@@ -48,6 +48,15 @@ public sealed class ExportOptions
 
     /// <summary>Simultaneous connections to this export; 0 (the default) means no limit but the server's.</summary>
     public int MaxConnections { get; set; }
+
+    /// <summary>The export's UUID; null: one generated once and kept (see <see cref="ExportIdentity.Assign"/>).</summary>
+    public Guid? Uuid { get; set; }
+
+    /// <summary>An optional label, so clients can ask for <c>by-label/LABEL</c>.</summary>
+    public string? Label { get; set; }
+
+    /// <summary>An optional serial number, so clients can ask for <c>by-serial/SERIAL</c>.</summary>
+    public string? Serial { get; set; }
 }
 
 /// <summary>An export: a name, a backend and the transmission flags that follow from what the backend can do.</summary>
@@ -78,6 +87,27 @@ public sealed class Export : IAsyncDisposable
     }
 
     public string Name => Options.Name;
+
+    /// <summary>The UUID clients can ask for as <c>by-uuid/UUID</c> (set before the export is served).</summary>
+    public Guid Uuid { get; set; } = Guid.NewGuid();
+
+    /// <summary>The stable names this export also answers to: by-uuid/, and by-label/ and by-serial/ when set.</summary>
+    public IEnumerable<string> Aliases
+    {
+        get
+        {
+            yield return ExportIdentity.ByUuid + Uuid.ToString("D");
+            if (Options.Label is { Length: > 0 } label)
+            {
+                yield return ExportIdentity.ByLabel + label;
+            }
+
+            if (Options.Serial is { Length: > 0 } serial)
+            {
+                yield return ExportIdentity.BySerial + serial;
+            }
+        }
+    }
 
     public string Description => Options.Description ?? string.Empty;
 
@@ -124,7 +154,8 @@ public sealed class Export : IAsyncDisposable
 
     public ValueTask DisposeAsync() => Device.DisposeAsync();
 
-    public override string ToString() => $"'{Name}' ({Device.Description}, {Size} bytes{(IsReadOnly ? ", read-only" : "")})";
+    public override string ToString() =>
+        $"'{Name}' ({Device.Description}, {Size} bytes{(IsReadOnly ? ", read-only" : "")}, uuid {Uuid:D}{(Options.Label is null ? "" : ", label " + Options.Label)}{(Options.Serial is null ? "" : ", serial " + Options.Serial)})";
 
     private static TransmissionFlags ComputeFlags(ExportOptions options, BlockDeviceFeatures features)
     {

@@ -50,6 +50,15 @@ public sealed class ExportCatalog : IAsyncDisposable
         ArgumentNullException.ThrowIfNull(export);
         lock (_lock)
         {
+            foreach (var other in _ordered)
+            {
+                if (other.Uuid == export.Uuid || (export.Options.Label is { } label && other.Options.Label == label) ||
+                    (export.Options.Serial is { } serial && other.Options.Serial == serial))
+                {
+                    throw new ArgumentException($"exports '{other.Name}' and '{export.Name}' share a UUID, label or serial; stable names must be unique", nameof(export));
+                }
+            }
+
             if (!_exports.TryAdd(export.Name, export))
             {
                 throw new ArgumentException($"an export named '{export.Name}' already exists", nameof(export));
@@ -74,8 +83,39 @@ public sealed class ExportCatalog : IAsyncDisposable
                 return _exports.TryGetValue(fallback, out export);
             }
 
-            return false;
+            // Stable names: by-uuid/, by-label/, by-serial/ (names taken literally by an export win above).
+            export = FindByAlias(name);
+            return export is not null;
         }
+    }
+
+    /// <summary>
+    /// Whether aliases (by-uuid/...) are listed by NBD_OPT_LIST next to the names. Default: false: tools that list
+    /// exports resolve each name to its canonical name, so aliases would show as duplicates. Clients learn an
+    /// export's stable names with NBD_OPT_LIST_META_CONTEXT and the query <c>x-spindle:</c> instead.
+    /// </summary>
+    public bool ListAliases { get; set; }
+
+    private Export? FindByAlias(string name)
+    {
+        if (name.StartsWith(ExportIdentity.ByUuid, StringComparison.Ordinal))
+        {
+            return Guid.TryParse(name.AsSpan(ExportIdentity.ByUuid.Length), out var uuid) ? _ordered.FirstOrDefault(e => e.Uuid == uuid) : null;
+        }
+
+        if (name.StartsWith(ExportIdentity.ByLabel, StringComparison.Ordinal))
+        {
+            var label = name[ExportIdentity.ByLabel.Length..];
+            return _ordered.FirstOrDefault(e => string.Equals(e.Options.Label, label, StringComparison.Ordinal));
+        }
+
+        if (name.StartsWith(ExportIdentity.BySerial, StringComparison.Ordinal))
+        {
+            var serial = name[ExportIdentity.BySerial.Length..];
+            return _ordered.FirstOrDefault(e => string.Equals(e.Options.Serial, serial, StringComparison.Ordinal));
+        }
+
+        return null;
     }
 
     public async ValueTask DisposeAsync()
