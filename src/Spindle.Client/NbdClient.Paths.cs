@@ -207,6 +207,10 @@ public sealed partial class NbdClient
         }
 
         var closing = Volatile.Read(ref _disposed) != 0;
+        if (!closing && !Options.Reconnects)
+        {
+            FailWaitingIfNoConnection();
+        }
 
         // A protocol violation is the server's bug, not the network's: sending the same requests again would likely
         // meet it again, so they fail (the spec's hard disconnect); later requests get a new connection.
@@ -231,6 +235,31 @@ public sealed partial class NbdClient
         if (path is not null && slot >= 0)
         {
             StartReconnecting(path, slot);
+        }
+    }
+
+    /// <summary>
+    /// Without reconnection, requests that queued while the last connection was closing (a soft disconnect after
+    /// ESHUTDOWN) would wait for a connection that never comes: they fail once none is left.
+    /// </summary>
+    private void FailWaitingIfNoConnection()
+    {
+        List<NbdOperation> waiting;
+        Exception? refusal;
+        lock (_dispatchLock)
+        {
+            refusal = RefusalLocked();
+            if (refusal is null || _waitingCount == 0)
+            {
+                return;
+            }
+
+            waiting = TakeAllWaitingLocked();
+        }
+
+        foreach (var operation in waiting)
+        {
+            operation.Finish(NbdConnection.Wrap(operation, refusal));
         }
     }
 
@@ -439,7 +468,7 @@ public sealed partial class NbdClient
             return _dead;
         }
 
-        if (!Options.Reconnects && _eligible.Length == 0)
+        if (!Options.Reconnects && !Array.Exists(_eligible, connection => connection.IsAvailable))
         {
             var reason = _lastFailure?.Message ?? _paths[0].Connections.OfType<NbdConnection>().Select(c => c.UnavailableReason).FirstOrDefault(r => r is not null) ?? "unknown";
             return _lastFailure is not null

@@ -216,7 +216,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
 
         var identity = fixedNewstyle && options.DiscoverIdentity
-            ? await negotiator.DiscoverIdentityAsync(exportName, cancellationToken).ConfigureAwait(false)
+            ? await negotiator.DiscoverIdentityAsync(exportName, structured, cancellationToken).ConfigureAwait(false)
             : null;
 
         InfoResult? info = null;

@@ -277,14 +277,20 @@ internal sealed class ClientNegotiator
     }
 
     /// <summary>
-    /// Learns the stable names of <paramref name="exportName"/> with standard options only: NBD_OPT_INFO gives its
+    /// Learns the stable names of <paramref name="exportName"/>: from a Spindle server's <c>x-spindle:</c> meta contexts
+    /// when structured replies are on, otherwise (or when none are answered) with standard options: NBD_OPT_INFO gives its
     /// canonical name (NBD_INFO_NAME), NBD_OPT_LIST names the aliases (<c>by-uuid/...</c>, <c>by-label/...</c>,
     /// <c>by-serial/...</c>), and NBD_OPT_INFO on each alias tells which of them resolve to the same canonical name.
     /// Null when the server gives no canonical name, refuses LIST or lists no alias of the export.
     /// </summary>
-    public async Task<ExportIdentity?> DiscoverIdentityAsync(string exportName, CancellationToken cancellationToken)
+    public async Task<ExportIdentity?> DiscoverIdentityAsync(string exportName, bool structured, CancellationToken cancellationToken)
     {
         const int MaxProbes = 4096;
+        if (structured && await DescribedIdentityAsync(exportName, cancellationToken).ConfigureAwait(false) is { } described)
+        {
+            return described;
+        }
+
         var own = await InfoOrGoAsync(NbdOption.Info, exportName, cancellationToken).ConfigureAwait(false);
         var canonical = own?.CanonicalName;
         if (canonical is null)
@@ -344,6 +350,51 @@ internal sealed class ClientNegotiator
                     break;
                 default:
                     serial = value;
+                    break;
+            }
+        }
+
+        var identity = new ExportIdentity(uuid, label, serial);
+        return identity.IsEmpty ? null : identity;
+    }
+
+    /// <summary>
+    /// Spindle servers describe an export's stable names as meta contexts answering NBD_OPT_LIST_META_CONTEXT with the
+    /// query <c>x-spindle:</c> (<c>x-spindle:uuid=UUID</c>, <c>label=</c>, <c>serial=</c>), which works whether or not
+    /// the server lists aliases. Null when the server answers none (another server, or an export without names).
+    /// </summary>
+    private async Task<ExportIdentity?> DescribedIdentityAsync(string exportName, CancellationToken cancellationToken)
+    {
+        const string Namespace = "x-spindle:";
+        Dictionary<string, uint> answered;
+        try
+        {
+            answered = await MetaContextAsync(NbdOption.ListMetaContext, exportName, [Namespace], cancellationToken).ConfigureAwait(false);
+        }
+        catch (NbdOptionException exception) when (exception.Reply != OptionReplyType.ErrorShutdown)
+        {
+            return null;
+        }
+
+        string? uuid = null, label = null, serial = null;
+        foreach (var name in answered.Keys)
+        {
+            if (!name.StartsWith(Namespace, StringComparison.Ordinal) || name.IndexOf('=', StringComparison.Ordinal) is var equals && equals < 0)
+            {
+                continue;
+            }
+
+            var value = name[(equals + 1)..];
+            switch (name[Namespace.Length..equals])
+            {
+                case "uuid":
+                    uuid ??= value;
+                    break;
+                case "label":
+                    label ??= value;
+                    break;
+                case "serial":
+                    serial ??= value;
                     break;
             }
         }
