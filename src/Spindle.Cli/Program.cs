@@ -5,6 +5,9 @@ using Spindle.Cli.Hosting;
 // Backends in their own assemblies (they bring native dependencies, loaded only when an export uses them).
 BackendFactory.Register(RbdBackend.Kind, RbdBackend.Open);
 
+// NBD URIs as sources of spindle mount and attach, through the client library.
+NbdMountSource.Register();
+
 var root = new RootCommand("Spindle: a network block device server and client speaking NBD (fixed newstyle).")
 {
     ServeCommand.Create(),

@@ -35,4 +35,25 @@ internal static partial class ClientLog
 
     [LoggerMessage(110, LogLevel.Debug, "{Server}: NBD_OPT_INFO reported size 0 for '{Export}'; confirming with NBD_OPT_GO (nbd-server 3.24 reports 0 until the export is opened)")]
     public static partial void ConfirmingZeroSize(ILogger logger, string server, string export);
+
+    [LoggerMessage(111, LogLevel.Debug, "{Server}: TLS up ({Protocol}); {Settings}")]
+    public static partial void TlsStarted(ILogger logger, string server, string protocol, string settings);
+
+    [LoggerMessage(112, LogLevel.Warning, "[{Connection}] {Server}: connection lost with {Pending} requests in flight, reconnecting (they will be sent again): {Reason}")]
+    public static partial void ConnectionLost(ILogger logger, int connection, string server, int pending, string reason);
+
+    [LoggerMessage(113, LogLevel.Warning, "[{Connection}] {Server}: reconnected after {Seconds:0.###} s ({Attempts} attempts)")]
+    public static partial void Reconnected(ILogger logger, int connection, string server, double seconds, int attempts);
+
+    [LoggerMessage(114, LogLevel.Warning, "{Server}: reconnecting failed, retrying: {Reason}")]
+    public static partial void ReconnectFailed(ILogger logger, string server, string reason);
+
+    [LoggerMessage(115, LogLevel.Error, "{Reason}; {Waiting} waiting requests failed, new ones fail until a connection is back")]
+    public static partial void ConnectionDead(ILogger logger, string reason, int waiting);
+
+    [LoggerMessage(116, LogLevel.Warning, "{Server}: path not connected, retrying in the background: {Reason}")]
+    public static partial void PathDown(ILogger logger, string server, string reason);
+
+    [LoggerMessage(117, LogLevel.Error, "[{Connection}] {Server}: the connection's loops did not stop within 30 s of its failure; its requests are sent again anyway")]
+    public static partial void LoopsDidNotStop(ILogger logger, int connection, string server);
 }

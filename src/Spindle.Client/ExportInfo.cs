@@ -12,6 +12,22 @@ public enum NegotiationMethod
     ExportName,
 }
 
+/// <summary>
+/// An export's stable names, learned from the aliases a server lists (<c>by-uuid/UUID</c>, <c>by-label/LABEL</c>,
+/// <c>by-serial/SERIAL</c>) whose NBD_INFO_NAME is the export's canonical name. Any of them may be null.
+/// </summary>
+public sealed record ExportIdentity(string? Uuid, string? Label, string? Serial)
+{
+    public const string UuidPrefix = "by-uuid/";
+    public const string LabelPrefix = "by-label/";
+    public const string SerialPrefix = "by-serial/";
+
+    public bool IsEmpty => Uuid is null && Label is null && Serial is null;
+
+    public override string ToString() =>
+        string.Join(", ", new[] { ("uuid", Uuid), ("label", Label), ("serial", Serial) }.Where(p => p.Item2 is not null).Select(p => $"{p.Item1} {p.Item2}"));
+}
+
 /// <summary>What a client learned about an export during negotiation.</summary>
 public sealed record ExportInfo
 {
@@ -57,6 +73,15 @@ public sealed record ExportInfo
 
     /// <summary>The contexts the server said it offers (NBD_OPT_LIST_META_CONTEXT), when the client asked.</summary>
     public IReadOnlyList<string>? AvailableMetaContexts { get; init; }
+
+    /// <summary>
+    /// The export's stable names, when the client asked for them (<see cref="NbdClientOptions.DiscoverIdentity"/>)
+    /// and the server lists such aliases; null otherwise.
+    /// </summary>
+    public ExportIdentity? Identity { get; init; }
+
+    /// <summary>True when the connection runs over TLS.</summary>
+    public bool Tls { get; init; }
 
     public bool IsReadOnly => Has(TransmissionFlags.ReadOnly);
 

@@ -1,5 +1,4 @@
 using System.Diagnostics.CodeAnalysis;
-using System.Runtime.CompilerServices;
 using Spindle.Client.Connection;
 using Spindle.Protocol;
 
@@ -167,10 +166,26 @@ public sealed partial class NbdClient
             await Task.WhenAll(barrier).WaitAsync(cancellationToken).ConfigureAwait(false);
         }
 
-        await SubmitAsync(NbdOperation.Effect(NbdCommand.Flush, 0, 0, CommandFlags.None), cancellationToken).ConfigureAwait(false);
+        // With several paths, every live one flushes: each server may have acknowledged some of the writes.
+        var paths = _paths.Length == 1 ? [] : Volatile.Read(ref _eligible).Select(connection => connection.PathIndex).Distinct().ToList();
+        if (paths.Count <= 1)
+        {
+            await SubmitAsync(NbdOperation.Effect(NbdCommand.Flush, 0, 0, CommandFlags.None), cancellationToken).ConfigureAwait(false);
+            return;
+        }
+
+        await Task.WhenAll(paths.Select(path =>
+        {
+            var flush = NbdOperation.Effect(NbdCommand.Flush, 0, 0, CommandFlags.None);
+            flush.PreferredPath = path;
+            return SubmitAsync(flush, cancellationToken).AsTask();
+        })).ConfigureAwait(false);
     }
 
-    /// <summary>Tracks the request, picks the least busy working connection, waits for a slot there and sends.</summary>
+    /// <summary>
+    /// Tracks the request (until the server acknowledges it, across reconnections) and sends it on the least busy
+    /// connection with a free slot; with none, it joins the wait queue.
+    /// </summary>
     private ValueTask SubmitAsync(NbdOperation operation, CancellationToken cancellationToken)
     {
         if (cancellationToken.IsCancellationRequested)
@@ -178,71 +193,136 @@ public sealed partial class NbdClient
             return ValueTask.FromCanceled(cancellationToken);
         }
 
+        operation.Deadline = NbdOperation.DeadlineFrom(Options.RequestTimeout);
         Track(operation);
-        NbdConnection connection;
-        ValueTask slot;
-        try
-        {
-            connection = PickConnection();
-            slot = connection.AcquireSlotAsync(cancellationToken);
-            if (slot.IsCompletedSuccessfully)
-            {
-                connection.Submit(operation, cancellationToken);
-                return operation.AsValueTask();
-            }
-        }
-        catch (Exception exception)
-        {
-            Untrack(operation);
-            return ValueTask.FromException(exception);
-        }
-
-        return SubmitSlowAsync(connection, slot, operation, cancellationToken);
+        operation.RegisterCancellation(cancellationToken);
+        Dispatch(operation);
+        return operation.AsValueTask();
     }
 
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask SubmitSlowAsync(NbdConnection connection, ValueTask slot, NbdOperation operation, CancellationToken cancellationToken)
+    private void Dispatch(NbdOperation operation)
     {
-        try
+        if (Volatile.Read(ref _waitingCount) == 0 && TryPlace(operation))
         {
-            await slot.ConfigureAwait(false);
-            connection.Submit(operation, cancellationToken);
-        }
-        catch
-        {
-            Untrack(operation);
-            throw;
+            return;
         }
 
-        await operation.AsValueTask().ConfigureAwait(false);
-    }
-
-    private NbdConnection PickConnection()
-    {
-        NbdConnection? best = null;
-        foreach (var connection in _connections)
+        Exception? refusal;
+        lock (_dispatchLock)
         {
-            if (connection.IsAvailable && (best is null || connection.InFlight < best.InFlight))
+            refusal = RefusalLocked();
+            if (refusal is null)
             {
-                best = connection;
+                if (_waitTail is null)
+                {
+                    _waitHead = operation;
+                }
+                else
+                {
+                    _waitTail.WaitNext = operation;
+                }
+
+                _waitTail = operation;
+                _waitingCount++;
             }
         }
 
-        if (best is not null)
+        if (refusal is not null)
         {
-            return best;
+            operation.Finish(refusal is NbdConnectionException { Message: var message } && message.StartsWith("no working connection", StringComparison.Ordinal)
+                ? refusal
+                : NbdConnection.Wrap(operation, refusal));
+            return;
         }
 
-        if (Volatile.Read(ref _disposed) != 0)
+        // Slots may have freed up between the attempt and the queueing: nobody else would look.
+        Pump();
+    }
+
+    /// <summary>
+    /// Sends <paramref name="operation"/> on the eligible connection with the fewest requests in flight and a free
+    /// slot (on its preferred path if it has one that works). False when every connection is full or none works.
+    /// </summary>
+    private bool TryPlace(NbdOperation operation)
+    {
+        var eligible = Volatile.Read(ref _eligible);
+        for (var attempt = 0; attempt < 8 && eligible.Length > 0; attempt++)
         {
-            throw new ObjectDisposedException(nameof(NbdClient), $"the client for {Uri} has been closed");
+            NbdConnection? best = null;
+            var preferred = operation.PreferredPath;
+            var preferredLive = false;
+            foreach (var connection in eligible)
+            {
+                if (preferred >= 0 && connection.PathIndex != preferred)
+                {
+                    continue;
+                }
+
+                preferredLive = true;
+                if (connection.FreeSlots > 0 && (best is null || connection.InFlight < best.InFlight))
+                {
+                    best = connection;
+                }
+            }
+
+            if (best is null)
+            {
+                if (preferred >= 0 && !preferredLive)
+                {
+                    // Its path went down: any other path's flush covers the same storage.
+                    operation.PreferredPath = -1;
+                    continue;
+                }
+
+                return false;
+            }
+
+            if (best.TryReserveSlot() && best.Submit(operation))
+            {
+                return true;
+            }
+
+            // Taken by another request, or the connection just failed or began closing: look again.
+            eligible = Volatile.Read(ref _eligible);
         }
 
-        var failure = _connections[0].Failure;
-        var reason = _connections[0].UnavailableReason ?? "unknown";
-        throw failure is not null
-            ? new NbdConnectionException($"no working connection to {Uri.Target}: {reason}", failure)
-            : new NbdConnectionException($"no working connection to {Uri.Target}: {reason}");
+        return false;
+    }
+
+    /// <summary>Sends waiting requests, oldest first, while connections have free slots; drops those whose caller left.</summary>
+    private void Pump()
+    {
+        List<NbdOperation>? dropped = null;
+        lock (_dispatchLock)
+        {
+            while (_waitHead is { } operation)
+            {
+                var drop = operation.IsReleased;
+                if (!drop && !TryPlace(operation))
+                {
+                    break;
+                }
+
+                if (drop)
+                {
+                    (dropped ??= []).Add(operation);
+                }
+
+                _waitHead = operation.WaitNext;
+                operation.WaitNext = null;
+                if (_waitHead is null)
+                {
+                    _waitTail = null;
+                }
+
+                _waitingCount--;
+            }
+        }
+
+        foreach (var operation in dropped ?? [])
+        {
+            operation.Finish(null);
+        }
     }
 
     private void Track(NbdOperation operation)
@@ -286,18 +366,6 @@ public sealed partial class NbdClient
 
             operation.Previous = operation.Next = null;
             _unacknowledgedCount--;
-        }
-    }
-
-    /// <summary>
-    /// A connection failed: its unacknowledged requests come here. This client fails them with the connection's
-    /// error (each still knows everything needed to be sent again: the hook a reconnecting client will use).
-    /// </summary>
-    private void OnConnectionFailed(NbdConnection connection, IReadOnlyList<NbdOperation> unacknowledged, NbdConnectionException failure)
-    {
-        foreach (var operation in unacknowledged)
-        {
-            operation.Finish(NbdConnection.Wrap(operation, failure));
         }
     }
 }

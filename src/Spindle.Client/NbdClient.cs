@@ -2,125 +2,235 @@ using System.Runtime.CompilerServices;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Spindle.Client.Connection;
+using Spindle.Client.Negotiation;
 using Spindle.Client.Transport;
 using Spindle.Protocol;
 
 namespace Spindle.Client;
 
 /// <summary>
-/// A client for one NBD export: the logical side over one connection, or several when the server advertises
-/// multi-conn. Every call is asynchronous and may be made concurrently; requests are pipelined (many in flight per
-/// connection, replies matched by cookie in any order).
+/// A client for one NBD export: the logical side over one connection, several when the server advertises
+/// multi-conn, and several paths (server addresses serving the same export) for multipath. Every call is
+/// asynchronous and may be made concurrently; requests are pipelined (many in flight per connection, replies matched
+/// by cookie in any order).
 /// </summary>
 /// <remarks>
 /// <para>Requests are checked against the export before anything is sent: range, alignment to the minimum block
 /// size, the maximum payload, read-only exports, and commands or flags the server did not advertise. Those
 /// mistakes throw <see cref="ArgumentException"/>s and <see cref="NotSupportedException"/>; what the server or
 /// the network does wrong throws <see cref="NbdException"/>s.</para>
-/// <para>The client keeps every request until the server acknowledges it. A FLUSH first waits for the replies to
-/// every WRITE, WRITE_ZEROES and TRIM submitted before it (with multi-conn the spec requires that; on one
-/// connection it makes "flush covers what was written before" hold for writes still in flight), then goes out on
-/// one connection.</para>
+/// <para>The client keeps every request until the server acknowledges it. When a connection is lost its
+/// unanswered requests, and new ones, wait while the client reconnects, and are sent again
+/// (<see cref="NbdClientOptions.DeadConnectionTimeout"/>). A FLUSH first waits for the replies to every WRITE,
+/// WRITE_ZEROES and TRIM submitted before it (with multi-conn the spec requires that; on one connection it makes
+/// "flush covers what was written before" hold for writes still in flight, and across a reconnection), then goes
+/// out on one connection of every live path.</para>
 /// </remarks>
 public sealed partial class NbdClient : IAsyncDisposable
 {
-    private readonly NbdConnection[] _connections;
+    private readonly NbdPath[] _paths;
+    private readonly ILogger _logger;
     private readonly Lock _trackLock = new();
     private readonly Action<NbdOperation> _untrack;
+    private readonly CancellationTokenSource _closing = new();
+    private readonly Timer _timer;
     private NbdOperation? _unacknowledged;
     private int _unacknowledgedCount;
     private int _disposed;
 
-    private NbdClient(NbdUri uri, NbdClientOptions options, NbdConnection[] connections)
+    private NbdClient(NbdPath[] paths, NbdClientOptions options, ExportInfo export, ILogger logger)
     {
-        Uri = uri;
+        _paths = paths;
         Options = options;
-        _connections = connections;
+        _export = export;
+        _logger = logger;
         _untrack = Untrack;
-        foreach (var connection in connections)
-        {
-            connection.Failed = OnConnectionFailed;
-        }
+        var shortest = Math.Min(
+            options.RequestTimeout == Timeout.InfiniteTimeSpan ? TimeSpan.FromSeconds(4).Ticks : options.RequestTimeout.Ticks,
+            options.DeadConnectionTimeout == Timeout.InfiniteTimeSpan ? TimeSpan.FromSeconds(4).Ticks : options.DeadConnectionTimeout.Ticks);
+        var period = TimeSpan.FromTicks(Math.Clamp(shortest / 4, TimeSpan.FromMilliseconds(10).Ticks, TimeSpan.FromSeconds(1).Ticks));
+        _timer = new Timer(static state => ((NbdClient)state!).OnTimer(), this, period, period);
     }
 
-    /// <summary>The URI the client connected to.</summary>
-    public NbdUri Uri { get; }
+    /// <summary>The URI the client connected to (the first path's).</summary>
+    public NbdUri Uri => _paths[0].Uri;
 
-    /// <summary>The options the client was made with (what opening another connection to the export would need).</summary>
+    /// <summary>Every path (server address) the client uses for the export, in the order given.</summary>
+    public IReadOnlyList<NbdUri> Paths => [.. _paths.Select(path => path.Uri)];
+
+    /// <summary>The options the client was made with (a copy: later changes to the caller's object do not reach it).</summary>
     public NbdClientOptions Options { get; }
 
-    /// <summary>What negotiation said about the export (the first connection's view; the others must agree).</summary>
-    public ExportInfo Export => _connections[0].Export;
+    /// <summary>What negotiation said about the export (the first connection's view; every other must agree).</summary>
+    public ExportInfo Export => _export;
 
     public long Size => Export.Size;
 
-    /// <summary>Connections in use: more than one only with multi-conn.</summary>
-    public int ConnectionCount => _connections.Length;
+    /// <summary>Connections working now, over every path (more than one per path only with multi-conn).</summary>
+    public int ConnectionCount => _paths.Sum(path => path.Connections.Count(connection => connection is { IsAvailable: true }));
 
     /// <summary>Requests submitted and not yet acknowledged by the server.</summary>
     public int UnacknowledgedCount => Volatile.Read(ref _unacknowledgedCount);
 
+    /// <summary>Connections re-established after one was lost, since the client was made.</summary>
+    public long Reconnections => Interlocked.Read(ref _reconnections);
+
+    /// <summary>Requests sent again because the connection they were on was lost before answering them.</summary>
+    public long ResentRequests => Interlocked.Read(ref _resent);
+
+    /// <summary>How each path is doing: its working connections and its last error.</summary>
+    public IReadOnlyList<NbdPathStatus> PathStatus
+    {
+        get
+        {
+            lock (_dispatchLock)
+            {
+                return [.. _paths.Select(path => new NbdPathStatus(path.Uri,
+                    path.Connections.Count(connection => connection is { IsAvailable: true }), path.LastFailure?.Message))];
+            }
+        }
+    }
+
     /// <summary>Connects to the export an NBD URI names.</summary>
     /// <exception cref="FormatException">The URI is not a valid NBD URI.</exception>
-    /// <exception cref="NbdTlsNotSupportedException">The URI requires TLS (nbds://), which this client does not have yet.</exception>
+    /// <exception cref="NbdTlsException">TLS was asked for (nbds://) and failed, or the server requires it of an nbd:// URI.</exception>
     /// <exception cref="NbdException">The connection or the negotiation failed.</exception>
     public static Task<NbdClient> ConnectAsync(string uri, NbdClientOptions? options = null, CancellationToken cancellationToken = default) =>
         ConnectAsync(NbdUri.Parse(uri), options, cancellationToken);
 
     /// <inheritdoc cref="ConnectAsync(string, NbdClientOptions?, CancellationToken)"/>
-    public static async Task<NbdClient> ConnectAsync(NbdUri uri, NbdClientOptions? options = null, CancellationToken cancellationToken = default)
+    public static Task<NbdClient> ConnectAsync(NbdUri uri, NbdClientOptions? options = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(uri);
-        options ??= new NbdClientOptions();
+        return ConnectAsync([uri], options, cancellationToken);
+    }
+
+    /// <summary>
+    /// Connects to one export through several paths (multipath): each URI is a server address serving the same
+    /// export. Requests spread over the live paths when the export advertises multi-conn (otherwise the first live
+    /// path serves and the others stand by); a path that dies hands its requests to the others and is retried in the
+    /// background. Every path must describe the export alike (size, flags, block sizes, and its UUID, label and serial
+    /// where the server lists them); a path that does not is refused.
+    /// </summary>
+    /// <remarks>Connecting succeeds when at least one path works; the others are retried in the background.</remarks>
+    /// <exception cref="NbdException">No path works, or two paths describe different exports.</exception>
+    public static async Task<NbdClient> ConnectAsync(IReadOnlyList<NbdUri> paths, NbdClientOptions? options = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(paths);
+        if (paths.Count == 0 || paths.Count > 16)
+        {
+            throw new ArgumentException("give between 1 and 16 paths", nameof(paths));
+        }
+
+        options = (options ?? new NbdClientOptions()).Clone();
         options.Validate();
-        RefuseTls(uri);
+        if (paths.Count > 1)
+        {
+            options.DiscoverIdentity = true;
+        }
+
+        foreach (var path in paths)
+        {
+            ArgumentNullException.ThrowIfNull(path);
+            RefuseTlsParametersWithoutTls(path);
+        }
+
         var logger = Logger(options);
-        var first = await NbdConnection.ConnectAsync(uri, options, 0, logger, cancellationToken).ConfigureAwait(false);
-        var connections = new List<NbdConnection> { first };
+        var attempts = paths.Select((uri, index) => NbdConnection.ConnectAsync(uri, options, index * 64, logger, cancellationToken)).ToList();
         try
         {
-            if (options.Connections > 1)
-            {
-                if (first.Export.CanMultiConn)
-                {
-                    var more = Enumerable.Range(1, options.Connections - 1)
-                        .Select(id => NbdConnection.ConnectAsync(uri, options, id, logger, cancellationToken))
-                        .ToList();
-                    try
-                    {
-                        await Task.WhenAll(more).ConfigureAwait(false);
-                    }
-                    finally
-                    {
-                        connections.AddRange(more.Where(task => task.IsCompletedSuccessfully).Select(task => task.Result));
-                    }
+            await Task.WhenAll(attempts).ConfigureAwait(false);
+        }
+        catch (Exception) when (attempts.Any(attempt => attempt.IsCompletedSuccessfully))
+        {
+            // Some paths work: the others are retried in the background.
+        }
+        catch (Exception) when (paths.Count > 1)
+        {
+            throw new NbdConnectionException("no path to the export works: " +
+                string.Join("; ", attempts.Select((attempt, index) => $"{paths[index].Target}: {attempt.Exception?.InnerException?.Message}")),
+                attempts[0].Exception!.InnerException!);
+        }
 
-                    foreach (var connection in connections.Skip(1))
-                    {
-                        if (connection.Export.Size != first.Export.Size || connection.Export.Flags != first.Export.Flags)
-                        {
-                            throw new NbdProtocolException(
-                                $"{first.Server} described export '{uri.ExportName}' differently on connection {connection.Id} (size {connection.Export.Size}, flags {connection.Export.Flags}) than on the first (size {first.Export.Size}, flags {first.Export.Flags})");
-                        }
-                    }
+        var connected = attempts.Where(attempt => attempt.IsCompletedSuccessfully).Select(attempt => attempt.Result).ToList();
+        try
+        {
+            var reference = connected[0];
+            foreach (var other in connected.Skip(1))
+            {
+                if (Disagreement(reference.Export, other.Export) is { } problem)
+                {
+                    throw new NbdConnectionException(
+                        $"{other.Server} and {reference.Server} do not serve the same export, so they cannot be paths to one disk: {problem}");
+                }
+            }
+
+            var perPath = options.Connections > 1 && reference.Export.CanMultiConn ? options.Connections : 1;
+            if (options.Connections > 1 && !reference.Export.CanMultiConn)
+            {
+                ClientLog.NoMultiConn(logger, reference.Server, options.Connections);
+            }
+
+            var nbdPaths = paths.Select((uri, index) => new NbdPath(index, uri, perPath)).ToArray();
+            for (var index = 0; index < paths.Count; index++)
+            {
+                if (attempts[index].IsCompletedSuccessfully)
+                {
+                    attempts[index].Result.PathIndex = index;
+                    nbdPaths[index].Connections[0] = attempts[index].Result;
                 }
                 else
                 {
-                    ClientLog.NoMultiConn(logger, first.Server, options.Connections);
+                    nbdPaths[index].LastFailure = attempts[index].Exception?.InnerException;
                 }
             }
+
+            // More connections per path for multi-conn, all at once; they must describe the export alike.
+            var more = new List<(NbdPath Path, int Slot, Task<NbdConnection> Attempt)>();
+            foreach (var path in nbdPaths.Where(path => path.Connections[0] is not null))
+            {
+                for (var slot = 1; slot < perPath; slot++)
+                {
+                    more.Add((path, slot, NbdConnection.ConnectAsync(path.Uri, options, (path.Index * 64) + slot, logger, cancellationToken)));
+                }
+            }
+
+            try
+            {
+                await Task.WhenAll(more.Select(m => m.Attempt)).ConfigureAwait(false);
+            }
+            finally
+            {
+                foreach (var (path, slot, attempt) in more.Where(m => m.Attempt.IsCompletedSuccessfully))
+                {
+                    attempt.Result.PathIndex = path.Index;
+                    path.Connections[slot] = attempt.Result;
+                    connected.Add(attempt.Result);
+                }
+            }
+
+            foreach (var (path, _, attempt) in more)
+            {
+                if (Disagreement(reference.Export, attempt.Result.Export) is { } problem)
+                {
+                    throw new NbdProtocolException(
+                        $"{reference.Server} described export '{path.Uri.ExportName}' differently on connection {attempt.Result.Id} than on the first: {problem}");
+                }
+            }
+
+            var client = new NbdClient(nbdPaths, options, reference.Export, logger);
+            client.Start();
+            return client;
         }
         catch
         {
-            foreach (var connection in connections)
+            foreach (var connection in connected)
             {
                 await connection.DisposeAsync().ConfigureAwait(false);
             }
 
             throw;
         }
-
-        return new NbdClient(uri, options, [.. connections]);
     }
 
     /// <summary>
@@ -136,17 +246,24 @@ public sealed partial class NbdClient : IAsyncDisposable
         ArgumentNullException.ThrowIfNull(uri);
         options ??= new NbdClientOptions();
         options.Validate();
-        RefuseTls(uri);
+        RefuseTlsParametersWithoutTls(uri);
+        var tls = uri.RequiresTls ? ClientTls.Resolve(uri, options.Tls) : null;
         var logger = Logger(options);
         var transport = await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
         List<ExportListing> listings;
         using (var receive = new ReceiveBuffer(transport))
         {
-            await using (transport.ConfigureAwait(false))
+            var negotiator = new ClientNegotiator(transport, receive, logger);
+            try
             {
-                listings = await NbdConnection.HandshakeAsync(transport, receive, options.HandshakeTimeout, logger, async (negotiator, token) =>
+                listings = await NbdConnection.HandshakeAsync(negotiator, options.HandshakeTimeout, async (negotiator, token) =>
                 {
                     await negotiator.StartAsync(token).ConfigureAwait(false);
+                    if (tls is not null)
+                    {
+                        await negotiator.StartTlsAsync(tls, token).ConfigureAwait(false);
+                    }
+
                     if (!negotiator.FixedNewstyle)
                     {
                         throw new NbdOptionException(NbdOption.List, OptionReplyType.ErrorUnsupported,
@@ -167,7 +284,7 @@ public sealed partial class NbdClient : IAsyncDisposable
                             result.Add(new ExportListing(name, string.IsNullOrEmpty(description) ? export?.Description : description, export,
                                 info is null ? "the server does not support NBD_OPT_INFO" : null));
                         }
-                        catch (Exception exception) when (exception is NbdOptionException { Reply: not OptionReplyType.ErrorShutdown } or NbdTlsNotSupportedException)
+                        catch (Exception exception) when (exception is NbdOptionException { Reply: not OptionReplyType.ErrorShutdown } or NbdTlsException)
                         {
                             // One export the server will not describe (unknown now, TLS-only...) does not spoil the list.
                             result.Add(new ExportListing(name, string.IsNullOrEmpty(description) ? null : description, null, exception.Message));
@@ -177,6 +294,10 @@ public sealed partial class NbdClient : IAsyncDisposable
                     await negotiator.AbortAsync(token).ConfigureAwait(false);
                     return result;
                 }, cancellationToken).ConfigureAwait(false);
+            }
+            finally
+            {
+                await negotiator.Transport.DisposeAsync().ConfigureAwait(false);
             }
         }
 
@@ -192,6 +313,8 @@ public sealed partial class NbdClient : IAsyncDisposable
                     HandshakeTimeout = options.HandshakeTimeout,
                     MaxPayload = options.MaxPayload,
                     LoggerFactory = options.LoggerFactory,
+                    Tls = options.Tls,
+                    DeadConnectionTimeout = TimeSpan.Zero,
                 };
                 confirmOptions.MetaContexts.Clear();
                 try
@@ -348,8 +471,8 @@ public sealed partial class NbdClient : IAsyncDisposable
     }
 
     /// <summary>
-    /// Closes gracefully: waits (up to <see cref="NbdClientOptions.DisconnectTimeout"/>) for requests in flight, then
-    /// sends NBD_CMD_DISC on every connection.
+    /// Closes gracefully: requests still waiting for a connection fail; those in flight get (up to
+    /// <see cref="NbdClientOptions.DisconnectTimeout"/>) to be answered; then NBD_CMD_DISC goes out on every connection.
     /// </summary>
     public async ValueTask DisposeAsync()
     {
@@ -358,18 +481,46 @@ public sealed partial class NbdClient : IAsyncDisposable
             return;
         }
 
-        await Task.WhenAll(_connections.Select(connection => connection.DisposeAsync().AsTask())).ConfigureAwait(false);
+        await _closing.CancelAsync().ConfigureAwait(false);
+        List<NbdOperation> waiting;
+        NbdConnection[] connections;
+        lock (_dispatchLock)
+        {
+            waiting = TakeAllWaitingLocked();
+            _eligible = [];
+            connections = [.. _paths.SelectMany(path => path.Connections).OfType<NbdConnection>()];
+        }
+
+        var closed = new NbdConnectionException($"the client for {Uri} has been closed");
+        foreach (var operation in waiting)
+        {
+            operation.Finish(NbdConnection.Wrap(operation, closed));
+        }
+
+        await Task.WhenAll(connections.Select(connection => connection.DisposeAsync().AsTask())).ConfigureAwait(false);
+        await _timer.DisposeAsync().ConfigureAwait(false);
+        _closing.Dispose();
     }
 
-    private static void RefuseTls(NbdUri uri)
+    /// <summary>
+    /// tls-* parameters on a plain nbd:// URI would suggest TLS where there is none: nbd:// never uses TLS here, so
+    /// such a URI is refused rather than silently sent in plain text.
+    /// </summary>
+    private static void RefuseTlsParametersWithoutTls(NbdUri uri)
     {
-        if (uri.RequiresTls)
+        if (!uri.RequiresTls && (uri.TlsCertificates is not null || uri.TlsHostname is not null || uri.TlsVerifyPeer is not null || uri.TlsType is not null))
         {
-            throw new NbdTlsNotSupportedException(
-                $"'{uri}' requires TLS ({uri.Scheme}://), and TLS not supported yet; refusing to connect without it (use {(uri.Transport == NbdTransportKind.Unix ? "nbd+unix" : "nbd")}:// if the server accepts plain text)");
+            throw new NbdTlsException(
+                $"'{uri}' has TLS parameters, but {uri.Scheme}:// never uses TLS: write {(uri.Transport == NbdTransportKind.Unix ? "nbds+unix" : "nbds")}:// for TLS");
         }
     }
 
     private static ILogger Logger(NbdClientOptions options) =>
         options.LoggerFactory?.CreateLogger("Spindle.Client") ?? NullLogger.Instance;
 }
+
+/// <summary>How one path of a client is doing.</summary>
+/// <param name="Uri">The path's server address and export.</param>
+/// <param name="Connections">Working connections (0 while it is down and being retried).</param>
+/// <param name="LastError">Why it last failed, if it ever did.</param>
+public sealed record NbdPathStatus(NbdUri Uri, int Connections, string? LastError);

@@ -6,6 +6,8 @@ namespace Spindle.Client;
 /// <summary>How a client negotiates and runs its connections. Each default is stated on its property.</summary>
 public sealed class NbdClientOptions
 {
+    private List<string> _metaContexts = [Protocol.MetaContexts.BaseAllocation];
+
     /// <summary>Ask for structured replies (NBD_OPT_STRUCTURED_REPLY). Default: true; a server without them is used with simple replies.</summary>
     public bool StructuredReplies { get; set; } = true;
 
@@ -13,7 +15,7 @@ public sealed class NbdClientOptions
     /// Metadata contexts to select with NBD_OPT_SET_META_CONTEXT when structured replies are on. Default:
     /// <c>base:allocation</c>. Empty selects none (and BLOCK_STATUS is then unavailable).
     /// </summary>
-    public IList<string> MetaContexts { get; } = [Protocol.MetaContexts.BaseAllocation];
+    public IList<string> MetaContexts => _metaContexts;
 
     /// <summary>Also ask the server which metadata contexts it offers (NBD_OPT_LIST_META_CONTEXT), for tools that show them. Default: false.</summary>
     public bool ListMetaContexts { get; set; }
@@ -40,10 +42,48 @@ public sealed class NbdClientOptions
     public TimeSpan HandshakeTimeout { get; set; } = TimeSpan.FromSeconds(30);
 
     /// <summary>
-    /// A request with no reply after this long fails with <see cref="TimeoutException"/> (the connection stays up: the
-    /// reply may still come and is then dropped). Default: <see cref="Timeout.InfiniteTimeSpan"/>, none.
+    /// A request with no reply after this long fails with <see cref="TimeoutException"/>, counted from when it was
+    /// submitted, reconnections included (the connection stays up: the reply may still come and is then dropped).
+    /// Default: <see cref="Timeout.InfiniteTimeSpan"/>, none.
     /// </summary>
     public TimeSpan RequestTimeout { get; set; } = Timeout.InfiniteTimeSpan;
+
+    /// <summary>
+    /// How long requests wait for a lost connection to come back. When a connection dies (the server restarted or
+    /// shut down, a reset, <see cref="ReplyTimeout"/>), its unanswered requests and every new one wait while the
+    /// client reconnects (with backoff, TLS included), then are sent again: NBD reads and writes are idempotent.
+    /// Only when no connection to the export has worked for this long do waiting and new requests fail, with an
+    /// <see cref="NbdConnectionException"/> naming the last error; the client keeps trying in the background, and
+    /// requests work again once it is back. <see cref="TimeSpan.Zero"/> turns reconnection off (a lost connection
+    /// fails its requests at once); <see cref="Timeout.InfiniteTimeSpan"/> waits forever. Default: 5 minutes.
+    /// </summary>
+    /// <remarks>Only the first connection is not retried: <see cref="NbdClient.ConnectAsync(string, NbdClientOptions?, CancellationToken)"/>
+    /// fails at once when the server cannot be reached, so a wrong address is reported, not waited for.</remarks>
+    public TimeSpan DeadConnectionTimeout { get; set; } = TimeSpan.FromMinutes(5);
+
+    /// <summary>The wait before the second reconnection attempt (the first is immediate); it doubles after each failure. Default: 100 ms.</summary>
+    public TimeSpan ReconnectDelay { get; set; } = TimeSpan.FromMilliseconds(100);
+
+    /// <summary>The longest wait between reconnection attempts. Default: 2 seconds.</summary>
+    public TimeSpan MaxReconnectDelay { get; set; } = TimeSpan.FromSeconds(2);
+
+    /// <summary>
+    /// A connection with requests in flight that receives nothing at all from the server for this long is taken for
+    /// dead: it is closed (a reset) and its requests go out again on a new connection. This catches a server or
+    /// network that hangs without closing; a machine that vanished is also caught by TCP keepalive. Default:
+    /// 60 seconds; <see cref="Timeout.InfiniteTimeSpan"/> waits for the server indefinitely.
+    /// </summary>
+    public TimeSpan ReplyTimeout { get; set; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// Learn the export's stable names (<see cref="ExportInfo.Identity"/>: UUID, label, serial) during negotiation,
+    /// from the aliases the server lists. Costs a LIST and a few INFO round trips per connection. Always on for
+    /// several paths, whose identities must agree. Default: false.
+    /// </summary>
+    public bool DiscoverIdentity { get; set; }
+
+    /// <summary>TLS settings for <c>nbds://</c> URIs (the URI's own tls-* parameters take precedence).</summary>
+    public NbdTlsOptions Tls { get; set; } = new();
 
     /// <summary>How long a graceful close waits for requests still in flight before hanging up. Default: 30 seconds.</summary>
     public TimeSpan DisconnectTimeout { get; set; } = TimeSpan.FromSeconds(30);
@@ -56,6 +96,17 @@ public sealed class NbdClientOptions
 
     /// <summary>Where the client logs negotiation and connection events. Default: none.</summary>
     public ILoggerFactory? LoggerFactory { get; set; }
+
+    /// <summary>True unless <see cref="DeadConnectionTimeout"/> is zero.</summary>
+    internal bool Reconnects => DeadConnectionTimeout != TimeSpan.Zero;
+
+    /// <summary>A copy, so a client keeps the settings it was made with.</summary>
+    internal NbdClientOptions Clone()
+    {
+        var copy = (NbdClientOptions)MemberwiseClone();
+        copy._metaContexts = [.. MetaContexts];
+        return copy;
+    }
 
     internal void Validate()
     {
@@ -74,6 +125,20 @@ public sealed class NbdClientOptions
             throw new ArgumentOutOfRangeException(nameof(MaxPayload), MaxPayload, "the maximum payload must be between 512 bytes and 64 MiB");
         }
 
+        foreach (var (name, value) in new[] { (nameof(DeadConnectionTimeout), DeadConnectionTimeout), (nameof(ReplyTimeout), ReplyTimeout), (nameof(RequestTimeout), RequestTimeout) })
+        {
+            if (value < TimeSpan.Zero && value != Timeout.InfiniteTimeSpan)
+            {
+                throw new ArgumentOutOfRangeException(name, value, "a timeout must be zero or more, or infinite");
+            }
+        }
+
+        if (ReconnectDelay <= TimeSpan.Zero || MaxReconnectDelay < ReconnectDelay)
+        {
+            throw new ArgumentOutOfRangeException(nameof(ReconnectDelay), ReconnectDelay, "the reconnect delay must be positive and at most MaxReconnectDelay");
+        }
+
+        ArgumentNullException.ThrowIfNull(Tls, nameof(Tls));
         foreach (var context in MetaContexts)
         {
             NbdString.Validate(context, nameof(MetaContexts));

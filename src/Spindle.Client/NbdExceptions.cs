@@ -164,22 +164,23 @@ public sealed class NbdOptionException : NbdException
 }
 
 /// <summary>
-/// TLS was required (an <c>nbds</c> URI, or the server answered NBD_REP_ERR_TLS_REQD) and this client has no TLS
-/// yet. It refuses rather than silently connecting in plain text.
+/// TLS failed or was refused: the server does not offer it for an <c>nbds</c> URI (the client then refuses to go on
+/// in plain text), the server requires it of a plain <c>nbd</c> URI (NBD_REP_ERR_TLS_REQD), a certificate was
+/// rejected (the server's by the client, or the client's by the server), or the TLS settings are unusable.
 /// </summary>
-public sealed class NbdTlsNotSupportedException : NbdException
+public sealed class NbdTlsException : NbdException
 {
-    public NbdTlsNotSupportedException()
-        : base("TLS not supported yet")
+    public NbdTlsException()
+        : base("TLS failed")
     {
     }
 
-    public NbdTlsNotSupportedException(string message)
+    public NbdTlsException(string message)
         : base(message)
     {
     }
 
-    public NbdTlsNotSupportedException(string message, Exception innerException)
+    public NbdTlsException(string message, Exception innerException)
         : base(message, innerException)
     {
     }

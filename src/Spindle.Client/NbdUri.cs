@@ -25,8 +25,9 @@ public enum NbdTransportKind
 /// RFC 3986 rather than <see cref="Uri"/>, which would normalise exactly the paths (<c>//</c>, <c>.</c>, <c>..</c>)
 /// that carry an export name.</para>
 /// <para>Query parameters: <c>socket</c> (required for the Unix schemes, may start with <c>%00</c> for an abstract
-/// socket), the TLS parameters <c>tls-type</c>, <c>tls-hostname</c>, <c>tls-verify-peer</c> (kept for the TLS
-/// work), and experimental <c>x-*</c> parameters (kept, ignored). Anything else is diagnosed as the spec asks.</para>
+/// socket), the TLS parameters <c>tls-type</c>, <c>tls-hostname</c>, <c>tls-verify-peer</c> and libnbd's
+/// <c>tls-certificates</c>, and experimental <c>x-*</c> parameters (kept, ignored). Anything else is diagnosed as the
+/// spec asks.</para>
 /// </remarks>
 public sealed record NbdUri
 {
@@ -62,6 +63,12 @@ public sealed record NbdUri
     public string? TlsHostname { get; init; }
 
     public bool? TlsVerifyPeer { get; init; }
+
+    /// <summary>
+    /// <c>tls-certificates=DIR</c> (libnbd's extension): ca-cert.pem to check the server, client-cert.pem and
+    /// client-key.pem for a client certificate.
+    /// </summary>
+    public string? TlsCertificates { get; init; }
 
     /// <summary>Experimental <c>x-*</c> query parameters, as given.</summary>
     public IReadOnlyDictionary<string, string> ExperimentalParameters { get; init; } = new Dictionary<string, string>();
@@ -204,6 +211,18 @@ public sealed record NbdUri
         parameters.Remove("socket", out var socket);
         parameters.Remove("tls-type", out var tlsType);
         parameters.Remove("tls-hostname", out var tlsHostname);
+        parameters.Remove("tls-certificates", out var tlsCertificates);
+        if (parameters.ContainsKey("tls-psk-file"))
+        {
+            error = "tls-psk-file is not supported: .NET's TLS has no pre-shared keys; use X.509 certificates (tls-certificates=DIR)";
+            return false;
+        }
+
+        if (tlsCertificates is { Length: 0 })
+        {
+            error = "tls-certificates needs a directory (tls-certificates=DIR)";
+            return false;
+        }
         bool? verifyPeer = null;
         if (parameters.Remove("tls-verify-peer", out var verifyText))
         {
@@ -231,7 +250,7 @@ public sealed record NbdUri
         {
             if (!key.StartsWith("x-", StringComparison.Ordinal))
             {
-                error = $"unknown query parameter '{key}' (NBD URIs know socket, tls-type, tls-hostname, tls-verify-peer and experimental x-* parameters)";
+                error = $"unknown query parameter '{key}' (NBD URIs know socket, tls-type, tls-hostname, tls-verify-peer, tls-certificates and experimental x-* parameters)";
                 return false;
             }
 
@@ -280,6 +299,7 @@ public sealed record NbdUri
             TlsType = tlsType,
             TlsHostname = tlsHostname,
             TlsVerifyPeer = verifyPeer,
+            TlsCertificates = tlsCertificates,
             ExperimentalParameters = experimental,
         };
         return true;
@@ -349,6 +369,7 @@ public sealed record NbdUri
         Parameter("tls-type", TlsType);
         Parameter("tls-hostname", TlsHostname);
         Parameter("tls-verify-peer", TlsVerifyPeer is null ? null : TlsVerifyPeer.Value ? "1" : "0");
+        Parameter("tls-certificates", TlsCertificates);
         foreach (var (key, value) in ExperimentalParameters)
         {
             Parameter(key, value);

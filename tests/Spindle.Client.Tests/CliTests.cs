@@ -132,7 +132,8 @@ public sealed class CliTests
     [Theory]
     [InlineData(2, "invalid NBD URI 'http://x/': unknown scheme 'http'", "info", "http://x/")]
     [InlineData(2, "no scheme", "info", "disk.img")]
-    [InlineData(1, "TLS not supported yet", "info", "nbds://127.0.0.1:1/disk")]
+    [InlineData(1, "does not offer TLS (NBD_OPT_STARTTLS answered NBD_REP_ERR_POLICY", "info", "nbds://127.0.0.1:PORT/")]
+    [InlineData(1, "TLS certificate directory /nonexistent does not exist", "info", "nbds://127.0.0.1:PORT/?tls-certificates=/nonexistent")]
     [InlineData(1, "connection refused", "info", "nbd://127.0.0.1:PORT0/")]
     [InlineData(1, "has no export named 'nope'", "info", "nbd://127.0.0.1:PORT/nope")]
     [InlineData(2, "--list and --map cannot be combined", "info", "--list", "--map", "nbd://127.0.0.1:PORT/")]
@@ -350,10 +351,35 @@ public sealed class CliTests
             c.Reset();
         });
         using var directory = new TempDirectory();
-        var copy = await SpindleCli.RunAsync("copy", "-R", "4", "-C", "1", source.Uri(), directory.File("out.img"));
+        var copy = await SpindleCli.RunAsync("copy", "-R", "4", "-C", "1", "--dead-timeout", "0", source.Uri(), directory.File("out.img"));
         AssertExit(1, copy);
 
         // The first failure reported is a READ in flight or one submitted just after the drop; both name the cause.
         Assert.Matches(@"^spindle: error: (READ offset \d+ length \d+ failed|no working connection to 127\.0\.0\.1:\d+): connection to 127\.0\.0\.1:\d+ lost", copy.StandardError);
+    }
+
+    [Fact]
+    public async Task Copy_from_a_server_that_keeps_dropping_the_connection_completes_exactly()
+    {
+        const int CopySize = 16 << 20;
+        await using var source = ScriptedNbdServer.Start(async c =>
+        {
+            await c.HandshakeAsync(CopySize, TransmissionFlags.HasFlags | TransmissionFlags.ReadOnly, structured: false);
+            for (var i = 0; i < 10; i++)
+            {
+                var (request, _) = await c.ReadRequestAsync();
+                await c.SendSimpleReplyAsync(request.Cookie, NbdError.None, Patterns.Generate((long)request.Offset, (int)request.Length));
+            }
+
+            // A reset with requests still in flight: they are sent again on the next connection.
+            c.Reset();
+        });
+        using var directory = new TempDirectory();
+        var output = directory.File("out.img");
+        var copy = await SpindleCli.RunAsync("copy", "-R", "4", "-C", "1", "--no-progress", source.Uri(), output);
+        AssertExit(0, copy);
+        Assert.Contains("reconnected after", copy.StandardError, StringComparison.Ordinal);
+        Assert.True(source.ConnectionCount > 2, $"only {source.ConnectionCount} connections");
+        Assert.Equal(Patterns.Generate(0, CopySize), await File.ReadAllBytesAsync(output, Token));
     }
 }

@@ -237,12 +237,16 @@ public sealed class ClientAgainstSpindleTests
     }
 
     [Fact]
-    public async Task Tls_uris_are_refused_without_touching_the_network()
+    public async Task Tls_uri_to_a_server_without_tls_is_refused_not_downgraded()
     {
         await using var server = await TestServer.StartAsync(new MemoryBlockDevice(Size));
-        var error = await Assert.ThrowsAsync<NbdTlsNotSupportedException>(() => NbdClient.ConnectAsync($"nbds://127.0.0.1:{server.Port}/", cancellationToken: Token));
-        Assert.Contains("TLS not supported yet", error.Message, StringComparison.Ordinal);
-        Assert.Contains("refusing to connect without it", error.Message, StringComparison.Ordinal);
+        var error = await Assert.ThrowsAsync<NbdTlsException>(() => NbdClient.ConnectAsync($"nbds://127.0.0.1:{server.Port}/", cancellationToken: Token));
+        Assert.Contains("does not offer TLS (NBD_OPT_STARTTLS answered NBD_REP_ERR_POLICY", error.Message, StringComparison.Ordinal);
+        Assert.Contains("refusing to continue in plain text", error.Message, StringComparison.Ordinal);
+
+        // TLS parameters on a plain URI are refused rather than silently ignored.
+        var plain = await Assert.ThrowsAsync<NbdTlsException>(() => NbdClient.ConnectAsync($"nbd://127.0.0.1:{server.Port}/?tls-certificates=/etc", cancellationToken: Token));
+        Assert.Contains("never uses TLS: write nbds://", plain.Message, StringComparison.Ordinal);
     }
 
     [Fact]
@@ -259,7 +263,7 @@ public sealed class ClientAgainstSpindleTests
     public async Task Server_stopping_mid_session_fails_requests_cleanly()
     {
         var server = await TestServer.StartAsync(new MemoryBlockDevice(Size));
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), new NbdClientOptions { DeadConnectionTimeout = TimeSpan.Zero }, Token);
         await client.WriteAsync(0, new byte[4096], Token);
         await server.DisposeAsync();
         var error = await Assert.ThrowsAnyAsync<NbdException>(() => client.ReadAsync(0, new byte[4096], Token).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Token));

@@ -8,7 +8,8 @@ namespace Spindle.Client.Tests;
 /// <summary>
 /// The client against a scripted fake server, for what no real server does on demand: drops in the middle of a
 /// reply, malformed replies, replies out of order, replies that never come, refusals during negotiation. Each must
-/// give the caller a clear error, never a hang.
+/// give the caller a clear error, never a hang. These run with reconnection off (a script that ends closes the
+/// connection, which a reconnecting client would answer with a new one); replay is <see cref="ReconnectTests"/>'.
 /// </summary>
 public sealed class ScriptedServerTests
 {
@@ -19,6 +20,9 @@ public sealed class ScriptedServerTests
     private static readonly TimeSpan Bound = TimeSpan.FromSeconds(20);
 
     private static CancellationToken Token => TestContext.Current.CancellationToken;
+
+    /// <summary>Reconnection off: a lost connection fails its requests at once (what these tests check).</summary>
+    private static NbdClientOptions NoReconnect => new() { DeadConnectionTimeout = TimeSpan.Zero };
 
     // ---- connection lost, malformed replies ----
 
@@ -38,7 +42,7 @@ public sealed class ScriptedServerTests
             await c.SendAsync([.. header, .. new byte[1000]]);
             c.Close();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var read1 = client.ReadAsync(0, new byte[65536], Token).AsTask();
         var read2 = client.ReadAsync(65536, new byte[4096], Token).AsTask();
 
@@ -63,7 +67,7 @@ public sealed class ScriptedServerTests
             await c.ReadRequestAsync();
             c.Close();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdConnectionException>(() => client.WriteAsync(0, new byte[4096], Token).AsTask().WaitAsync(Bound, Token));
         Assert.Contains("WRITE offset 0 length 4096 failed", error.Message, StringComparison.Ordinal);
         Assert.Contains("closed the connection while the client waited for a reply", error.Message, StringComparison.Ordinal);
@@ -78,7 +82,7 @@ public sealed class ScriptedServerTests
             await c.ReadRequestAsync();
             c.Reset();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdConnectionException>(() => client.FlushAsync(Token).AsTask().WaitAsync(Bound, Token));
         Assert.Contains("FLUSH", error.Message, StringComparison.Ordinal);
         Assert.Contains("lost", error.Message, StringComparison.Ordinal);
@@ -148,7 +152,7 @@ public sealed class ScriptedServerTests
 
             Assert.True(await c.WaitForClientCloseAsync(), "the client should hang up on a protocol violation");
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var operation = kind == "data-chunk-for-write"
             ? client.WriteAsync(0, new byte[4096], Token).AsTask()
             : client.ReadAsync(0, new byte[4096], Token).AsTask();
@@ -167,7 +171,7 @@ public sealed class ScriptedServerTests
             await c.SendChunkAsync(ReplyFlags.Done, ReplyType.None, request.Cookie, []);
             await c.WaitForClientCloseAsync();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         Assert.False(client.Export.StructuredReplies);
         var error = await Assert.ThrowsAsync<NbdProtocolException>(() => client.FlushAsync(Token).AsTask().WaitAsync(Bound, Token));
         Assert.Contains("structured replies were not negotiated", error.Message, StringComparison.Ordinal);
@@ -188,7 +192,7 @@ public sealed class ScriptedServerTests
             var (good, _) = await c.ReadRequestAsync();
             await c.SendDataChunkAsync(good.Cookie, good.Offset, data);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdServerErrorException>(() => client.ReadAsync(8192, new byte[4096], Token).AsTask().WaitAsync(Bound, Token));
         Assert.Equal(NbdError.IO, error.Error);
         Assert.Equal(NbdCommand.Read, error.Command);
@@ -217,7 +221,7 @@ public sealed class ScriptedServerTests
             var (second, _) = await c.ReadRequestAsync();
             await c.SendSimpleReplyAsync(second.Cookie);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdServerErrorException>(() => client.TrimAsync(0, 4096, cancellationToken: Token).AsTask().WaitAsync(Bound, Token));
         Assert.Equal(NbdError.InvalidArgument, error.Error);
         Assert.Contains("unknown error chunk type 0x8005: oops!", error.Message, StringComparison.Ordinal);
@@ -237,7 +241,7 @@ public sealed class ScriptedServerTests
             var (request, _) = await c.ReadRequestAsync();
             await c.SendSimpleReplyAsync(request.Cookie, wire);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdServerErrorException>(() => client.WriteAsync(4096, new byte[512], Token).AsTask().WaitAsync(Bound, Token));
         Assert.Equal(wire, error.Error);
         Assert.Contains(name, error.Message, StringComparison.Ordinal);
@@ -259,7 +263,7 @@ public sealed class ScriptedServerTests
             disc.SetResult(last.Command);
             Assert.True(await c.WaitForClientCloseAsync());
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var first = client.WriteAsync(0, new byte[512], Token).AsTask();
         var second = client.WriteAsync(512, new byte[512], Token).AsTask();
         var error = await Assert.ThrowsAsync<NbdServerErrorException>(() => first.WaitAsync(Bound, Token));
@@ -282,7 +286,7 @@ public sealed class ScriptedServerTests
             var (next, _) = await c.ReadRequestAsync();
             await c.SendBlockStatusChunkAsync(next.Cookie, 1, [(4096, 3), (8192, 0)]);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdProtocolException>(() => client.GetBlockStatusAsync(0, 65536, cancellationToken: Token).WaitAsync(Bound, Token));
         Assert.Contains("without a BLOCK_STATUS chunk for context 'base:allocation'", error.Message, StringComparison.Ordinal);
 
@@ -302,7 +306,7 @@ public sealed class ScriptedServerTests
             await c.SendBlockStatusChunkAsync(request.Cookie, 99, [(4096, 0)]);
             await c.WaitForClientCloseAsync();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdProtocolException>(() => client.GetBlockStatusAsync(0, 4096, cancellationToken: Token).WaitAsync(Bound, Token));
         Assert.Contains("context id 99, which was never selected", error.Message, StringComparison.Ordinal);
     }
@@ -317,7 +321,7 @@ public sealed class ScriptedServerTests
             Assert.Equal(CommandFlags.RequestOne, request.Flags);
             await c.SendBlockStatusChunkAsync(request.Cookie, 1, [(4096, 3), (4096, 0)]);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var error = await Assert.ThrowsAsync<NbdProtocolException>(() => client.GetBlockStatusAsync(0, 65536, flags: CommandFlags.RequestOne, cancellationToken: Token).WaitAsync(Bound, Token));
         Assert.Contains("break the spec's rules", error.Message, StringComparison.Ordinal);
         await server.WaitForScriptsAsync();
@@ -348,7 +352,7 @@ public sealed class ScriptedServerTests
             await c.SendDataChunkAsync(byOffset[0].Cookie, byOffset[0].Offset, Patterns.Generate((long)byOffset[0].Offset, 2048), done: false);
             await c.SendChunkAsync(ReplyFlags.Done, ReplyType.None, byOffset[0].Cookie, []);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var buffers = Enumerable.Range(0, 4).Select(_ => Enumerable.Repeat((byte)0xee, 4096).ToArray()).ToArray();
         var reads = Enumerable.Range(0, 4).Select(i => client.ReadAsync(i * 4096, buffers[i], Token).AsTask()).ToArray();
         await Task.WhenAll(reads).WaitAsync(Bound, Token);
@@ -380,7 +384,7 @@ public sealed class ScriptedServerTests
                 await c.SendSimpleReplyAsync(request.Cookie);
             }
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var writes = Enumerable.Range(0, 5).Select(i => client.WriteAsync(i * 512, new byte[512], Token).AsTask()).ToArray();
         var requests = await received.Task.WaitAsync(Bound, Token);
         Assert.Equal(5, requests.Select(r => r.Cookie).Distinct().Count());
@@ -408,7 +412,7 @@ public sealed class ScriptedServerTests
             Assert.Equal(NbdCommand.Flush, flush.Command);
             await c.SendSimpleReplyAsync(flush.Cookie);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var write = client.WriteAsync(0, new byte[4096], Token).AsTask();
         await client.FlushAsync(Token).AsTask().WaitAsync(Bound, Token);
         Assert.True(write.IsCompletedSuccessfully);
@@ -431,7 +435,7 @@ public sealed class ScriptedServerTests
             var (fast, _) = await c.ReadRequestAsync();
             await c.SendDataChunkAsync(fast.Cookie, fast.Offset, Enumerable.Repeat((byte)0x22, 4096).ToArray());
         });
-        var options = new NbdClientOptions { RequestTimeout = TimeSpan.FromMilliseconds(300) };
+        var options = new NbdClientOptions { DeadConnectionTimeout = TimeSpan.Zero, RequestTimeout = TimeSpan.FromMilliseconds(300) };
         await using var client = await NbdClient.ConnectAsync(server.Uri(), options, Token);
         var buffer = Enumerable.Repeat((byte)0xee, 4096).ToArray();
         var error = await Assert.ThrowsAsync<TimeoutException>(() => client.ReadAsync(0, buffer, Token).AsTask().WaitAsync(Bound, Token));
@@ -462,7 +466,7 @@ public sealed class ScriptedServerTests
             var (flush, _) = await c.ReadRequestAsync();
             await c.SendSimpleReplyAsync(flush.Cookie);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var buffer = Enumerable.Repeat((byte)0xee, 4096).ToArray();
         using var cancellation = new CancellationTokenSource();
         var read = client.ReadAsync(0, buffer, cancellation.Token).AsTask();
@@ -483,7 +487,7 @@ public sealed class ScriptedServerTests
             await c.HandshakeAsync(Size, Writable);
             await c.WaitForClientCloseAsync(TimeSpan.FromSeconds(15));
         });
-        var options = new NbdClientOptions { RequestTimeout = TimeSpan.FromMilliseconds(300), MaxRequestsInFlight = 2 };
+        var options = new NbdClientOptions { DeadConnectionTimeout = TimeSpan.Zero, RequestTimeout = TimeSpan.FromMilliseconds(300), MaxRequestsInFlight = 2 };
         await using var client = await NbdClient.ConnectAsync(server.Uri(), options, Token);
         var first = client.ReadAsync(0, new byte[512], Token).AsTask();
         var second = client.ReadAsync(512, new byte[512], Token).AsTask();
@@ -491,7 +495,7 @@ public sealed class ScriptedServerTests
         await Assert.ThrowsAsync<TimeoutException>(() => first.WaitAsync(Bound, Token));
         await Assert.ThrowsAsync<TimeoutException>(() => second.WaitAsync(Bound, Token));
         var error = await Assert.ThrowsAsync<TimeoutException>(() => third.WaitAsync(Bound, Token));
-        Assert.Contains("request slots", error.Message, StringComparison.Ordinal);
+        Assert.Contains("waiting for a connection or a free request slot", error.Message, StringComparison.Ordinal);
     }
 
     // ---- negotiation ----
@@ -523,7 +527,7 @@ public sealed class ScriptedServerTests
             var (request, _) = await c.ReadRequestAsync();
             await c.SendSimpleReplyAsync(request.Cookie, NbdError.None, Patterns.Generate(0, 512));
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri("disk"), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri("disk"), NoReconnect, Token);
         Assert.Equal(NegotiationMethod.ExportName, client.Export.Method);
         Assert.False(client.Export.StructuredReplies);
         Assert.Equal((long)Size, client.Size);
@@ -548,7 +552,7 @@ public sealed class ScriptedServerTests
             await c.SendAsync(reply);
             await c.WaitForClientCloseAsync();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         Assert.False(client.Export.FixedNewstyle);
         Assert.True(client.Export.IsReadOnly);
         await Assert.ThrowsAsync<NotSupportedException>(() => client.WriteAsync(0, new byte[1], Token).AsTask());
@@ -587,7 +591,7 @@ public sealed class ScriptedServerTests
             var (request, _) = await c.ReadRequestAsync();
             await c.SendSimpleReplyAsync(request.Cookie);
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         Assert.False(client.Export.StructuredReplies);
         Assert.False(client.Export.CanBlockStatus);
         var error = await Assert.ThrowsAsync<NotSupportedException>(() => client.GetBlockStatusAsync(0, 4096, cancellationToken: Token));
@@ -613,7 +617,7 @@ public sealed class ScriptedServerTests
             await c.ReplyAsync(option, OptionReplyType.Ack);
             await c.WaitForClientCloseAsync();
         });
-        await using var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         Assert.True(client.Export.StructuredReplies);
         Assert.Empty(client.Export.MetaContexts);
         await Assert.ThrowsAsync<NotSupportedException>(() => client.GetBlockStatusAsync(0, 4096, cancellationToken: Token));
@@ -622,7 +626,7 @@ public sealed class ScriptedServerTests
     public static TheoryData<OptionReplyType, Type, string> GoRefusals => new()
     {
         { OptionReplyType.ErrorUnknown, typeof(NbdOptionException), "has no export named 'disk' (NBD_REP_ERR_UNKNOWN: not here)" },
-        { OptionReplyType.ErrorTlsRequired, typeof(NbdTlsNotSupportedException), "TLS not supported yet" },
+        { OptionReplyType.ErrorTlsRequired, typeof(NbdTlsException), "serves export 'disk' only over TLS, or has no such export (NBD_OPT_GO answered NBD_REP_ERR_TLS_REQD: not here): use an nbds:// URI" },
         { OptionReplyType.ErrorPolicy, typeof(NbdOptionException), "refused access to export 'disk'" },
         { OptionReplyType.ErrorShutdown, typeof(NbdOptionException), "shutting down" },
         { OptionReplyType.ErrorInvalid, typeof(NbdOptionException), "refused NBD_OPT_GO with NBD_REP_ERR_INVALID: not here" },
@@ -836,7 +840,7 @@ public sealed class ScriptedServerTests
             disc.SetResult(request);
             Assert.True(await c.WaitForClientCloseAsync());
         });
-        var client = await NbdClient.ConnectAsync(server.Uri(), cancellationToken: Token);
+        var client = await NbdClient.ConnectAsync(server.Uri(), NoReconnect, Token);
         var pending = client.WriteAsync(0, new byte[512], Token).AsTask();
         await client.DisposeAsync();
         Assert.True(pending.IsCompletedSuccessfully);

@@ -59,11 +59,12 @@ public sealed class PeerServer : IAsyncDisposable
     /// nbdkit in the foreground: <c>nbdkit -f --exit-with-parent [-U sock | -i 127.0.0.1 -p port] ARGS</c>, for
     /// example <c>["memory", "64M"]</c> or <c>["--no-sr", "file", path]</c>.
     /// </summary>
-    public static Task<PeerServer> StartNbdkitAsync(IEnumerable<string> arguments, bool unix = false)
+    /// <remarks>Give <paramref name="port"/> to start it again where a client expects it (a restarted server).</remarks>
+    public static Task<PeerServer> StartNbdkitAsync(IEnumerable<string> arguments, bool unix = false, int? port = null)
     {
         var directory = new TempDirectory();
         var socket = unix ? directory.File("nbdkit.sock") : null;
-        var port = unix ? (int?)null : FreePort();
+        port = unix ? null : port ?? FreePort();
         var listen = unix ? new[] { "-U", socket! } : ["-i", "127.0.0.1", "-p", port!.Value.ToString(System.Globalization.CultureInfo.InvariantCulture)];
         return LaunchAsync("nbdkit", ["-f", "--exit-with-parent", .. listen, .. arguments], directory, port, socket, pidFile: null);
     }

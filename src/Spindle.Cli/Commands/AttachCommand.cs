@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Reflection;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
+using Spindle.Client;
 using Spindle.Fuse;
 using Spindle.Fuse.Devices;
 using Spindle.Server.Configuration;
@@ -23,20 +24,25 @@ internal static class AttachCommand
         spindle mount does) and a loop device is bound to that file (direct I/O, many requests in flight).
         Prints the loop device, e.g. /dev/loop3. Needs root. Undo with: spindle detach NAME (or /dev/loopN).
 
-        SOURCE is a file, a block device, or memory:SIZE. NBD URIs (nbd://HOST/EXPORT) arrive with the NBD
-        client library.
+        SOURCE is a file, a block device, memory:SIZE, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbds://...,
+        nbd+unix:///EXPORT?socket=PATH). An NBD export keeps working across server restarts and network cuts:
+        I/O waits while the client reconnects, then resumes; nothing fails before --dead-timeout (default 300 s,
+        'never' for a hard mount). --path adds servers of the same export (multipath). An export with stable
+        names also gets links: /run/spindle/by-uuid/UUID, by-label/LABEL, by-serial/SERIAL -> /dev/loopN.
 
         Examples:
           dev=$(spindle attach disk.img)           then: mkfs.ext4 $dev; mount $dev /mnt
           spindle attach --name scratch memory:4G  /run/spindle/mnt/scratch/disk on a loop device
           spindle attach -r golden.img             read-only
+          spindle attach nbd://server/disk         a remote export (ask by name or by-uuid/UUID)
+          spindle attach --dead-timeout never nbd://a/disk --path nbd://b/disk   two servers, never fail
 
         The server logs to /run/spindle/NAME.log and records its state in /run/spindle/NAME.json.
         """;
 
     public static Command Create()
     {
-        var source = new Argument<string>("source") { Description = "A file, a block device, or memory:SIZE." };
+        var source = new Argument<string>("source") { Description = "A file, a block device, memory:SIZE, or an NBD URI." };
         var name = new Option<string?>("--name", "-n") { Description = "Name of the attachment [default: from SOURCE, e.g. disk for disk.img]." };
         var timeout = new Option<double?>("--timeout") { Description = "Seconds to wait for the device to be ready [default: 60]." };
         var daemon = new Option<bool>(DaemonFlag) { Hidden = true };
@@ -217,7 +223,7 @@ internal static class AttachCommand
         BlockDevice device;
         try
         {
-            device = await MountSource.OpenAsync(source, sourceOptions, CancellationToken.None).ConfigureAwait(false);
+            device = await MountSource.OpenAsync(source, sourceOptions with { LoggerFactory = loggerFactory }, CancellationToken.None).ConfigureAwait(false);
         }
         catch (ConfigurationException exception)
         {
@@ -255,6 +261,19 @@ internal static class AttachCommand
 
             var info = LoopDevice.Query(loop);
             logger.LogInformation("{Loop} is bound to {File} (direct I/O {DirectIo})", loop, mount.FilePath, info?.DirectIo == true ? "on" : "off");
+            IReadOnlyList<string> links = [];
+            if (device is NbdBlockDevice { Identity: { IsEmpty: false } identity })
+            {
+                var problems = new List<string>();
+                links = AttachLinks.Create(loop, identity.Uuid, identity.Label, identity.Serial, problems);
+                foreach (var problem in problems)
+                {
+                    logger.LogWarning("{Problem}", problem);
+                }
+
+                logger.LogInformation("Export {Identity}: {Links}", identity, links.Count == 0 ? "no links" : string.Join(", ", links));
+            }
+
             state = state with
             {
                 Phase = AttachState.Ready,
@@ -262,12 +281,14 @@ internal static class AttachCommand
                 File = mount.FilePath,
                 LoopDevice = loop,
                 ReadOnly = mount.ReadOnly,
+                Links = links,
             };
             state.Save();
 
             await MountCommand.ServeUntilStoppedAsync(mount, signals, logger, beforeUnmount: async () =>
             {
                 // Stopped by a signal rather than by spindle detach: release the loop device if nothing uses it.
+                AttachLinks.Remove(links, loop);
                 if (LoopDevice.Query(loop) is { } bound && bound.BackingFile == mount.FilePath)
                 {
                     try

@@ -34,6 +34,9 @@ internal sealed record AttachState
 
     public string? Error { get; init; }
 
+    /// <summary>The stable-name links made to <see cref="LoopDevice"/> (RUN/by-uuid/..., see <see cref="AttachLinks"/>).</summary>
+    public IReadOnlyList<string>? Links { get; init; }
+
     public DateTimeOffset? Started { get; init; }
 
     /// <summary>Whether the process recorded in <see cref="Pid"/> is alive and is a spindle attach.</summary>

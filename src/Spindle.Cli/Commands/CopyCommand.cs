@@ -22,6 +22,10 @@ internal static class CopyCommand
           spindle copy /dev/sdb nbd+unix:///?socket=/run/nbd.sock
           spindle copy nbd://a/disk nbd://b/disk               server to server
           spindle copy --json nbd://server/disk disk.img       a machine-readable summary
+          spindle copy 'nbds://server/disk?tls-certificates=/etc/pki/nbd' disk.img   over TLS
+
+        A lost connection (the server restarted, a network cut) does not fail the copy: requests wait while the
+        client reconnects and are sent again, for up to --dead-timeout seconds.
         """;
 
     public static Command Create()
@@ -46,10 +50,11 @@ internal static class CopyCommand
         var noProgress = new Option<bool>("--no-progress") { Description = "Never show a progress bar." };
         var json = new Option<bool>("--json") { Description = "Print the summary as JSON." };
         var quiet = new Option<bool>("--quiet", "-q") { Description = "Print no summary." };
+        var deadTimeout = ClientCommandSupport.DeadTimeoutOption();
         var command = new Command("copy", Examples)
         {
             sourceArgument, destinationArgument, connections, requests, requestSize, sparse, noExtents, allocated,
-            destinationIsZero, progress, noProgress, json, quiet,
+            destinationIsZero, progress, noProgress, json, quiet, deadTimeout,
         };
 
         command.SetAction((parse, cancellationToken) => ClientCommandSupport.RunAsync(async () =>
@@ -61,6 +66,7 @@ internal static class CopyCommand
                 UseExtents = !parse.GetValue(noExtents),
                 Allocated = parse.GetValue(allocated),
                 DestinationIsZero = parse.GetValue(destinationIsZero),
+                DeadTimeout = ClientCommandSupport.ParseDeadTimeout(parse.GetValue(deadTimeout)),
             };
             if (settings.Connections is < 1 or > 64)
             {
@@ -150,7 +156,7 @@ internal static class CopyCommand
             return FileCopyEndpoint.OpenSource(name);
         }
 
-        var options = ClientCommandSupport.Options(settings.Connections);
+        var options = ClientCommandSupport.Options(settings.Connections, deadTimeout: settings.DeadTimeout);
         options.MaxRequestsInFlight = settings.RequestsPerConnection ?? settings.TotalRequests;
         if (!settings.UseExtents)
         {
@@ -173,7 +179,7 @@ internal static class CopyCommand
             return await FileCopyEndpoint.OpenDestinationAsync(name, size).ConfigureAwait(false);
         }
 
-        var options = ClientCommandSupport.Options(settings.Connections);
+        var options = ClientCommandSupport.Options(settings.Connections, deadTimeout: settings.DeadTimeout);
         options.MaxRequestsInFlight = settings.RequestsPerConnection ?? settings.TotalRequests;
         options.MetaContexts.Clear();
         var client = await NbdClient.ConnectAsync(NbdUri.Parse(name), options, cancellationToken).ConfigureAwait(false);

@@ -22,6 +22,9 @@ internal sealed class CopySettings
     /// </summary>
     public int TotalRequests { get; set; } = 64;
 
+    /// <summary>How long a lost NBD end may take to come back (null: the client library's default).</summary>
+    public TimeSpan? DeadTimeout { get; set; }
+
     /// <summary>Connections to each NBD end when it advertises multi-conn. Default: 4.</summary>
     public int Connections { get; set; } = 4;
 

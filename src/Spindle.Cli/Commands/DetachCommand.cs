@@ -114,10 +114,17 @@ internal static class DetachCommand
         var mountPoint = state?.MountPoint ?? AttachPaths.MountPoint(name);
         var prefix = mountPoint.TrimEnd('/') + "/";
 
-        // 1. Every loop device reading a file under the mount point (normally the one in the state).
+        // 1. Every loop device reading a file under the mount point (normally the one in the state), and the
+        // stable-name links to it (gone before the device number can be reused by another attachment).
         foreach (var loop in LoopDevice.List().Where(device => device.BackingFile.StartsWith(prefix, StringComparison.Ordinal)))
         {
             await LoopDevice.DetachAsync(loop.Device, wait, cancellationToken).ConfigureAwait(false);
+            AttachLinks.RemoveAllTo(loop.Device);
+        }
+
+        if (state?.LoopDevice is { } recorded)
+        {
+            AttachLinks.Remove(state.Links ?? [], recorded);
         }
 
         // 2. The mount. A live server sees its connection end, flushes the device and exits; a dead one left a

@@ -28,13 +28,14 @@ internal static class DumpCommand
         var offset = new Option<string?>("--offset", "-o") { Description = "Where to start (bytes; K, M, G suffixes) [default: 0]." };
         var length = new Option<string?>("--length", "-n") { Description = "How many bytes to dump [default: to the end of the export]." };
         var all = new Option<bool>("--all", "-v") { Description = "Print every line: do not collapse repeated lines into \"*\"." };
-        var command = new Command("dump", Examples) { uri, offset, length, all };
+        var deadTimeout = ClientCommandSupport.DeadTimeoutOption();
+        var command = new Command("dump", Examples) { uri, offset, length, all, deadTimeout };
         command.SetAction((parse, cancellationToken) => ClientCommandSupport.RunAsync(async () =>
         {
             var target = NbdUri.Parse(parse.GetValue(uri)!);
             var start = parse.GetValue(offset) is { } offsetText ? ClientCommandSupport.ParseSize(offsetText, "--offset") : 0;
             long? count = parse.GetValue(length) is { } lengthText ? ClientCommandSupport.ParseSize(lengthText, "--length") : null;
-            var options = ClientCommandSupport.Options();
+            var options = ClientCommandSupport.Options(deadTimeout: ClientCommandSupport.ParseDeadTimeout(parse.GetValue(deadTimeout)));
             options.MetaContexts.Clear();
             var client = await NbdClient.ConnectAsync(target, options, cancellationToken).ConfigureAwait(false);
             await using (client.ConfigureAwait(false))

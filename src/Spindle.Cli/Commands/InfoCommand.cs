@@ -20,8 +20,13 @@ internal static class InfoCommand
           spindle info --context qemu:dirty-bitmap:b URI   the map of another metadata context
           spindle info --json nbd://localhost              for scripts
 
+          spindle info 'nbds://server/disk?tls-certificates=/etc/pki/nbd'   over TLS
+
         URIs follow the NBD URI spec (nbd://host[:port]/export, nbd+unix:///export?socket=PATH), the same
-        strings qemu and nbdinfo take. nbds:// parses, but TLS is not supported yet.
+        strings qemu and nbdinfo take. nbds:// and nbds+unix:// use TLS and never fall back to plain text:
+        tls-certificates=DIR names ca-cert.pem (the server's CA; default: the system's) and, for servers that
+        verify clients, client-cert.pem and client-key.pem; tls-hostname=NAME the name the server's certificate
+        must carry (default: the URI's host); tls-verify-peer=0 skips checking the server. nbd:// never uses TLS.
         """;
 
     /// <summary>The flag names shown, in nbdinfo's order and spelling (can_*, is_*).</summary>
@@ -47,10 +52,12 @@ internal static class InfoCommand
         var map = new Option<bool>("--map") { Description = "Print the allocation map (BLOCK_STATUS): runs of data, holes and zeroes." };
         var context = new Option<string?>("--context") { Description = "With --map: the metadata context to map [default: base:allocation]; implies --map." };
         var json = new Option<bool>("--json") { Description = "Print JSON instead of text." };
-        var command = new Command("info", Examples) { uri, list, map, context, json };
+        var deadTimeout = ClientCommandSupport.DeadTimeoutOption();
+        var command = new Command("info", Examples) { uri, list, map, context, json, deadTimeout };
         command.SetAction((parse, cancellationToken) => ClientCommandSupport.RunAsync(async () =>
         {
             var target = NbdUri.Parse(parse.GetValue(uri)!);
+            var dead = ClientCommandSupport.ParseDeadTimeout(parse.GetValue(deadTimeout));
             var asJson = parse.GetValue(json);
             var output = Console.Out;
             var mapContext = parse.GetValue(context);
@@ -62,7 +69,7 @@ internal static class InfoCommand
                     throw new FormatException("--list and --map cannot be combined");
                 }
 
-                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(), cancellationToken).ConfigureAwait(false);
+                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(deadTimeout: dead), cancellationToken).ConfigureAwait(false);
                 if (asJson)
                 {
                     WriteListJson(output, target, listings);
@@ -78,7 +85,7 @@ internal static class InfoCommand
             if (mapping)
             {
                 var contextName = mapContext ?? MetaContexts.BaseAllocation;
-                var client = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(context: contextName), cancellationToken).ConfigureAwait(false);
+                var client = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(context: contextName, deadTimeout: dead), cancellationToken).ConfigureAwait(false);
                 await using (client.ConfigureAwait(false))
                 {
                     var runs = await MapAsync(client, contextName, cancellationToken).ConfigureAwait(false);
@@ -95,7 +102,7 @@ internal static class InfoCommand
                 return 0;
             }
 
-            var connected = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(listContexts: true), cancellationToken).ConfigureAwait(false);
+            var connected = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(listContexts: true, deadTimeout: dead), cancellationToken).ConfigureAwait(false);
             await using (connected.ConfigureAwait(false))
             {
                 if (asJson)
@@ -207,7 +214,7 @@ internal static class InfoCommand
         var handshake = export.FixedNewstyle ? "newstyle-fixed" : "newstyle";
         var replies = export.StructuredReplies ? "structured replies" : "simple replies";
         var method = export.Method == NegotiationMethod.Go ? "NBD_OPT_GO" : "NBD_OPT_EXPORT_NAME";
-        return $"{handshake} without TLS, {replies}, entered with {method}";
+        return $"{handshake} {(export.Tls ? "with" : "without")} TLS, {replies}, entered with {method}";
     }
 
     private static void WriteInfoJson(TextWriter output, NbdUri uri, ExportInfo export)
@@ -221,7 +228,7 @@ internal static class InfoCommand
             writer.WriteBoolean("no_zeroes", (export.HandshakeFlags & HandshakeFlags.NoZeroes) != 0);
             writer.WriteString("method", export.Method == NegotiationMethod.Go ? "go" : "export-name");
             writer.WriteBoolean("structured_replies", export.StructuredReplies);
-            writer.WriteBoolean("tls", false);
+            writer.WriteBoolean("tls", export.Tls);
             writer.WriteEndObject();
             WriteExportJson(writer, export);
             writer.WriteEndObject();

@@ -1,3 +1,4 @@
+using System.CommandLine;
 using System.Globalization;
 using System.Net.Sockets;
 using Spindle.Cli.Hosting;
@@ -88,15 +89,83 @@ internal static class ClientCommandSupport
             : string.Create(CultureInfo.InvariantCulture, $"{value:0.0} {units[unit]}");
     }
 
-    /// <summary>Client options for the command-line tools: quiet logs, the usual timeouts.</summary>
-    public static NbdClientOptions Options(int connections = 1, bool listContexts = false, string? context = null)
+    /// <summary>
+    /// Client options for the command-line tools: the usual timeouts, reconnection for
+    /// <paramref name="deadTimeout"/> (default: the library's), and lost and regained connections reported on
+    /// standard error.
+    /// </summary>
+    public static NbdClientOptions Options(int connections = 1, bool listContexts = false, string? context = null, TimeSpan? deadTimeout = null)
     {
-        var options = new NbdClientOptions { Connections = connections, ListMetaContexts = listContexts };
+        var options = new NbdClientOptions { Connections = connections, ListMetaContexts = listContexts, LoggerFactory = ReconnectReporter.Factory };
+        if (deadTimeout is { } timeout)
+        {
+            options.DeadConnectionTimeout = timeout;
+        }
+
         if (context is not null && !options.MetaContexts.Contains(context))
         {
             options.MetaContexts.Add(context);
         }
 
         return options;
+    }
+
+    /// <summary>The --dead-timeout option every client command takes.</summary>
+    public static Option<string?> DeadTimeoutOption() => new("--dead-timeout")
+    {
+        Description = "Seconds to wait for a lost server to come back (requests wait and are sent again), 0 to fail at once, or 'never' to wait forever [default: 300].",
+    };
+
+    /// <summary>Parses --dead-timeout: seconds, 0, or never.</summary>
+    public static TimeSpan? ParseDeadTimeout(string? text)
+    {
+        if (text is null)
+        {
+            return null;
+        }
+
+        if (text is "never" or "infinite" or "inf")
+        {
+            return Timeout.InfiniteTimeSpan;
+        }
+
+        if (!double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out var seconds) || seconds < 0 || seconds > 1e7)
+        {
+            throw new FormatException($"--dead-timeout '{text}': give seconds (0 fails at once) or never");
+        }
+
+        return TimeSpan.FromSeconds(seconds);
+    }
+}
+
+/// <summary>
+/// Shows the client's reconnection events (connection lost, reconnected, retrying, given up) on standard error as
+/// "spindle: ..." lines, and nothing else, so the tools' output stays as scripts expect it.
+/// </summary>
+internal sealed class ReconnectReporter : Microsoft.Extensions.Logging.ILoggerProvider, Microsoft.Extensions.Logging.ILogger
+{
+    /// <summary>The client's event ids for a lost connection (112), a reconnection (113), a failed retry (114), the dead-connection timeout (115) and a path down (116).</summary>
+    private static readonly HashSet<int> Reported = [112, 113, 114, 115, 116];
+
+    public static Microsoft.Extensions.Logging.ILoggerFactory Factory { get; } = new Microsoft.Extensions.Logging.LoggerFactory([new ReconnectReporter()]);
+
+    public Microsoft.Extensions.Logging.ILogger CreateLogger(string categoryName) => this;
+
+    public IDisposable? BeginScope<TState>(TState state)
+        where TState : notnull => null;
+
+    public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => logLevel >= Microsoft.Extensions.Logging.LogLevel.Warning;
+
+    public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+    {
+        ArgumentNullException.ThrowIfNull(formatter);
+        if (Reported.Contains(eventId.Id))
+        {
+            Console.Error.WriteLine("spindle: " + formatter(state, exception));
+        }
+    }
+
+    public void Dispose()
+    {
     }
 }

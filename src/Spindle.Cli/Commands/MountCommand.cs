@@ -17,14 +17,18 @@ internal static class MountCommand
         handle are durable before they return; fallocate --punch-hole and --zero-range zero (and may deallocate).
         A loop device makes it a block device: losetup --direct-io=on --find --show DIR/disk (or use spindle attach).
 
-        SOURCE is a file, a block device, or memory:SIZE (a sparse disk in memory). NBD URIs (nbd://HOST/EXPORT)
-        arrive with the NBD client library.
+        SOURCE is a file, a block device, memory:SIZE (a sparse disk in memory), or an NBD URI
+        (nbd://HOST[:PORT]/EXPORT, nbds://... for TLS, nbd+unix:///EXPORT?socket=PATH). An NBD export survives
+        server restarts and network cuts: requests wait while the client reconnects and are sent again; only after
+        --dead-timeout do they fail (EIO). --path adds more servers of the same export (multipath).
 
         Examples:
           spindle mount disk.img /mnt/d              DIR/disk reads and writes disk.img
           spindle mount -r /dev/sdb /mnt/d           read-only
           spindle mount memory:1G /mnt/d             a 1 GiB scratch disk
           spindle mount --create 10G new.img /mnt/d  create new.img (sparse) first
+          spindle mount nbd://server/disk /mnt/d     a remote export
+          spindle mount nbd://a/disk --path nbd://b/disk /mnt/d   two servers of one export
 
         Prints the file's path once mounted. SIGINT, SIGTERM or SIGHUP unmounts and flushes SOURCE; if the file is
         still in use (a loop device bound to it), the mount is detached from DIR and served until released, and a
@@ -34,7 +38,7 @@ internal static class MountCommand
 
     public static Command Create()
     {
-        var source = new Argument<string>("source") { Description = "A file, a block device, or memory:SIZE." };
+        var source = new Argument<string>("source") { Description = "A file, a block device, memory:SIZE, or an NBD URI." };
         var directory = new Argument<string>("dir") { Description = "An existing directory to mount on." };
         var options = new MountCommandOptions();
         var command = new Command("mount", Examples) { source, directory };
@@ -60,6 +64,7 @@ internal static class MountCommand
 
             using var loggerFactory = CliLogging.Create(level);
             var logger = loggerFactory.CreateLogger("Spindle.Mount");
+            sourceOptions = sourceOptions with { LoggerFactory = loggerFactory };
             return await RunAsync(parse.GetValue(source)!, parse.GetValue(directory)!, sourceOptions, mountOptions, logger, cancellationToken).ConfigureAwait(false);
         });
         return command;
@@ -164,6 +169,18 @@ internal sealed class MountCommandOptions
 
     public Option<bool> Fusermount { get; } = new("--fusermount") { Description = "Mount through fusermount3 even as root." };
 
+    public Option<string[]> Path { get; } = new("--path")
+    {
+        Description = "Another NBD URI serving the same export (multipath: requests spread over the live paths, a dead one's move to the others); repeat for more.",
+    };
+
+    public Option<string?> DeadTimeout { get; } = new("--dead-timeout")
+    {
+        Description = "NBD sources: seconds requests wait for a lost server to come back before failing with EIO, or 'never' (a hard mount) [default: 300].",
+    };
+
+    public Option<int?> Connections { get; } = new("--connections", "-C") { Description = "NBD sources: connections per server when the export advertises multi-conn [default: 1]." };
+
     public Option<string?> LogLevel { get; } = new("--log-level") { Description = "trace, debug, information, warning, error or none [default: information]." };
 
     public Option<bool> Verbose { get; } = new("--verbose", "-v") { Description = "Same as --log-level debug." };
@@ -172,7 +189,7 @@ internal sealed class MountCommandOptions
 
     public void AddTo(Command command)
     {
-        foreach (var option in new Option[] { ReadOnly, Create, FileName, AllowOther, PageCache, MaxTransfer, MaxThreads, Fusermount, LogLevel, Verbose, Quiet })
+        foreach (var option in new Option[] { ReadOnly, Create, FileName, AllowOther, PageCache, MaxTransfer, MaxThreads, Fusermount, Path, DeadTimeout, Connections, LogLevel, Verbose, Quiet })
         {
             command.Options.Add(option);
         }
@@ -211,7 +228,13 @@ internal sealed class MountCommandOptions
             }
         }
 
-        foreach (var valued in new[] { Create, FileName, MaxTransfer, LogLevel })
+        foreach (var path in parse.GetValue(Path) ?? [])
+        {
+            yield return Path.Name;
+            yield return path;
+        }
+
+        foreach (var valued in new[] { Create, FileName, MaxTransfer, DeadTimeout, LogLevel })
         {
             if (parse.GetValue(valued) is { } value)
             {
@@ -224,6 +247,12 @@ internal sealed class MountCommandOptions
         {
             yield return MaxThreads.Name;
             yield return threads.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        }
+
+        if (parse.GetValue(Connections) is { } connections)
+        {
+            yield return Connections.Name;
+            yield return connections.ToString(System.Globalization.CultureInfo.InvariantCulture);
         }
     }
 
@@ -270,7 +299,31 @@ internal sealed class MountCommandOptions
         }
 
         var create = parse.GetValue(Create) is { } text ? SizeParser.Parse(text, "--create") : (long?)null;
-        return (mount, new MountSourceOptions(mount.ReadOnly, create));
+        TimeSpan? deadTimeout = null;
+        if (parse.GetValue(DeadTimeout) is { } dead)
+        {
+            try
+            {
+                deadTimeout = ClientCommandSupport.ParseDeadTimeout(dead);
+            }
+            catch (FormatException exception)
+            {
+                throw new ConfigurationException(exception.Message);
+            }
+        }
+
+        var connections = parse.GetValue(Connections) ?? 1;
+        if (connections is < 1 or > 16)
+        {
+            throw new ConfigurationException("--connections must be between 1 and 16");
+        }
+
+        return (mount, new MountSourceOptions(mount.ReadOnly, create)
+        {
+            Paths = parse.GetValue(Path) ?? [],
+            DeadTimeout = deadTimeout,
+            Connections = connections,
+        });
     }
 }
 

@@ -6,7 +6,20 @@ namespace Spindle.Cli.Commands;
 /// <summary>How a mount source is opened.</summary>
 /// <param name="ReadOnly">Open it read-only (the mounted file is then read-only too).</param>
 /// <param name="CreateSize">Create a missing file source, sparse, with this size.</param>
-internal sealed record MountSourceOptions(bool ReadOnly, long? CreateSize);
+internal sealed record MountSourceOptions(bool ReadOnly, long? CreateSize)
+{
+    /// <summary>More NBD URIs serving the same export as the source (multipath).</summary>
+    public IReadOnlyList<string> Paths { get; init; } = [];
+
+    /// <summary>How long an NBD source may stay unreachable before requests fail (null: the client's default).</summary>
+    public TimeSpan? DeadTimeout { get; init; }
+
+    /// <summary>Connections per NBD path when the export advertises multi-conn.</summary>
+    public int Connections { get; init; } = 1;
+
+    /// <summary>Where an NBD source logs (connection lost, reconnected...).</summary>
+    public Microsoft.Extensions.Logging.ILoggerFactory? LoggerFactory { get; init; }
+}
 
 /// <summary>Opens the block device behind a mount or attach source.</summary>
 /// <param name="uri">The source URI, e.g. <c>nbd://server:10809/export</c>.</param>
@@ -27,7 +40,7 @@ internal delegate ValueTask<BlockDevice> MountUriOpener(Uri uri, MountSourceOpti
 /// foreach (var scheme in MountSource.NbdSchemes)
 ///     MountSource.RegisterUriScheme(scheme, (uri, options, ct) => NbdBlockDevice.ConnectAsync(uri, options.ReadOnly, ct));
 /// </code>
-/// <para>Until then an NBD URI is refused with a message saying so.</para>
+/// <para><see cref="NbdMountSource"/> is that registration.</para>
 /// </remarks>
 internal static class MountSource
 {
@@ -75,6 +88,11 @@ internal static class MountSource
             }
 
             return await open(uri, options, cancellationToken).ConfigureAwait(false);
+        }
+
+        if (options.Paths.Count > 0)
+        {
+            throw new ConfigurationException($"--path adds paths to an NBD URI source, not to '{source}'");
         }
 
         if (source.StartsWith(MemoryPrefix, StringComparison.OrdinalIgnoreCase))

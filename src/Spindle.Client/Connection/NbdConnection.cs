@@ -26,7 +26,6 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private readonly NbdClientOptions _options;
     private readonly Dictionary<ulong, NbdOperation> _pending = [];
     private readonly Lock _pendingLock = new();
-    private readonly SemaphoreSlim _slots;
     private readonly Channel<NbdOperation> _sendQueue = Channel.CreateUnbounded<NbdOperation>(new UnboundedChannelOptions
     {
         SingleReader = true,
@@ -40,6 +39,8 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private Timer? _timeoutTimer;
     private ulong _lastCookie;
     private int _inFlight;
+    private int _freeSlots;
+    private long _busySince;
     private Exception? _failure;
     private bool _closing;
     private string? _closeReason;
@@ -54,15 +55,36 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         Export = export;
         _options = options;
         _logger = logger;
-        _slots = new SemaphoreSlim(options.MaxRequestsInFlight);
+        _freeSlots = options.MaxRequestsInFlight;
         _contextNames = export.MetaContexts.ToDictionary(pair => pair.Value, pair => pair.Key);
     }
 
-    /// <summary>Called once when the connection fails, with every request that had no reply yet.</summary>
+    /// <summary>
+    /// Called once when the connection fails or closes, with every request that had no reply yet (the owner fails
+    /// them or sends them again elsewhere, once <see cref="Stopped"/> says this connection no longer touches them).
+    /// </summary>
     public Action<NbdConnection, IReadOnlyList<NbdOperation>, NbdConnectionException>? Failed { get; set; }
+
+    /// <summary>Called when a request slot frees up (a request was answered), so the owner can send a waiting one.</summary>
+    public Action<NbdConnection>? SlotFreed { get; set; }
+
+    /// <summary>
+    /// When set, a request the server answered with ESHUTDOWN (it is going away) is handed here to be sent again
+    /// elsewhere instead of failing; without it the caller gets the server's error.
+    /// </summary>
+    public Action<NbdConnection, NbdOperation>? ShutdownReply { get; set; }
+
+    /// <summary>Completes when the reader and writer loops have ended: the connection touches no request any more.</summary>
+    public Task Stopped => Task.WhenAll(_readLoop, _writeLoop);
+
+    /// <summary>Requests that may still be submitted before the connection is full.</summary>
+    public int FreeSlots => Volatile.Read(ref _freeSlots);
 
     /// <summary>A small number identifying the connection in logs (0 for the first of a client).</summary>
     public int Id { get; }
+
+    /// <summary>Which of its client's paths (server addresses) the connection belongs to.</summary>
+    public int PathIndex { get; set; }
 
     public ExportInfo Export { get; }
 
@@ -98,16 +120,22 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
     }
 
-    /// <summary>Opens a socket to <paramref name="uri"/>, negotiates and starts the transmission loops.</summary>
+    /// <summary>
+    /// Opens a socket to <paramref name="uri"/>, negotiates (TLS first for an nbds URI) and starts the transmission
+    /// loops.
+    /// </summary>
     public static async Task<NbdConnection> ConnectAsync(NbdUri uri, NbdClientOptions options, int id, ILogger logger, CancellationToken cancellationToken)
     {
+        // Certificate files are read before the network is touched, so their problems are reported as such.
+        var tls = uri.RequiresTls ? ClientTls.Resolve(uri, options.Tls) : null;
         var transport = await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
         var receive = new ReceiveBuffer(transport);
+        var negotiator = new ClientNegotiator(transport, receive, logger);
         try
         {
-            var export = await HandshakeAsync(transport, receive, options.HandshakeTimeout, logger,
-                (negotiator, token) => NegotiateAsync(negotiator, uri.ExportName, options, token), cancellationToken).ConfigureAwait(false);
-            var connection = new NbdConnection(id, transport, receive, export, options, logger);
+            var export = await HandshakeAsync(negotiator, options.HandshakeTimeout,
+                (negotiator, token) => NegotiateAsync(negotiator, uri.ExportName, options, tls, token), cancellationToken).ConfigureAwait(false);
+            var connection = new NbdConnection(id, negotiator.Transport, receive, export, options, logger);
             ClientLog.Negotiated(logger, id, transport.Description, uri.ExportName, export.Size, export.Flags, export.Method,
                 export.StructuredReplies, export.MetaContexts.Count == 0 ? "none" : string.Join(", ", export.MetaContexts.Keys));
             connection.Start();
@@ -116,7 +144,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         catch
         {
             receive.Dispose();
-            await transport.DisposeAsync().ConfigureAwait(false);
+            await negotiator.Transport.DisposeAsync().ConfigureAwait(false);
             throw;
         }
     }
@@ -125,7 +153,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     /// Runs a negotiation under the handshake timeout, turning transport failures into
     /// <see cref="NbdConnectionException"/>s that name the server and the moment.
     /// </summary>
-    internal static async Task<T> HandshakeAsync<T>(NbdTransport transport, ReceiveBuffer receive, TimeSpan timeout, ILogger logger,
+    internal static async Task<T> HandshakeAsync<T>(ClientNegotiator negotiator, TimeSpan timeout,
         Func<ClientNegotiator, CancellationToken, Task<T>> negotiate, CancellationToken cancellationToken)
     {
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
@@ -134,29 +162,39 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             deadline.CancelAfter(timeout);
         }
 
-        var negotiator = new ClientNegotiator(transport, receive, logger);
+        var server = negotiator.Transport.Description;
         try
         {
             return await negotiate(negotiator, deadline.Token).ConfigureAwait(false);
         }
         catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
         {
-            throw new NbdConnectionException($"{transport.Description} did not complete the NBD handshake within {timeout.TotalSeconds:0.#} s");
+            throw new NbdConnectionException($"{server} did not complete the NBD handshake within {timeout.TotalSeconds:0.#} s");
         }
         catch (EndOfStreamException exception)
         {
-            throw new NbdConnectionException($"{transport.Description} closed the connection during the handshake: {exception.Message}", exception);
+            throw new NbdConnectionException($"{server} closed the connection during the handshake: {exception.Message}{TlsHint(negotiator)}", exception);
         }
         catch (Exception exception) when (exception is SocketException or (IOException and not NbdException) or ObjectDisposedException)
         {
-            throw new NbdConnectionException($"connection to {transport.Description} failed during the handshake: {exception.Message}", exception);
+            throw new NbdConnectionException($"connection to {server} failed during the handshake: {exception.Message}{TlsHint(negotiator)}", exception);
         }
     }
 
+    /// <summary>A server that verifies clients ends the connection right after a TLS 1.3 handshake when it has no certificate it likes.</summary>
+    private static string TlsHint(ClientNegotiator negotiator) => negotiator.IsTls
+        ? " (right after the TLS handshake: the server may want a client certificate, DIR/client-cert.pem with client-key.pem, or have rejected the one given)"
+        : string.Empty;
+
     /// <summary>The option haggling of a client that wants to enter transmission on <paramref name="exportName"/>.</summary>
-    internal static async Task<ExportInfo> NegotiateAsync(ClientNegotiator negotiator, string exportName, NbdClientOptions options, CancellationToken cancellationToken)
+    internal static async Task<ExportInfo> NegotiateAsync(ClientNegotiator negotiator, string exportName, NbdClientOptions options, ClientTls? tls, CancellationToken cancellationToken)
     {
         await negotiator.StartAsync(cancellationToken).ConfigureAwait(false);
+        if (tls is not null)
+        {
+            await negotiator.StartTlsAsync(tls, cancellationToken).ConfigureAwait(false);
+        }
+
         var fixedNewstyle = negotiator.FixedNewstyle;
         var structured = false;
         IReadOnlyList<string>? available = null;
@@ -177,6 +215,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             contexts = await negotiator.MetaContextAsync(NbdOption.SetMetaContext, exportName, [.. options.MetaContexts], cancellationToken).ConfigureAwait(false);
         }
 
+        var identity = fixedNewstyle && options.DiscoverIdentity
+            ? await negotiator.DiscoverIdentityAsync(exportName, structured, cancellationToken).ConfigureAwait(false)
+            : null;
+
         InfoResult? info = null;
         var method = NegotiationMethod.Go;
         if (fixedNewstyle && options.UseGo)
@@ -191,7 +233,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             info = await negotiator.ExportNameAsync(exportName, cancellationToken).ConfigureAwait(false);
         }
 
-        return BuildExportInfo(exportName, info, negotiator, structured, contexts, available, method, options.MaxPayload);
+        return BuildExportInfo(exportName, info, negotiator, structured, contexts, available, method, options.MaxPayload) with { Identity = identity };
     }
 
     internal static ExportInfo BuildExportInfo(string exportName, InfoResult info, ClientNegotiator negotiator, bool structured,
@@ -215,35 +257,46 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             StructuredReplies = structured,
             MetaContexts = contexts,
             AvailableMetaContexts = available,
+            Tls = negotiator.IsTls,
         };
     }
 
-    /// <summary>Waits for a free request slot (bounded by the request timeout, if any).</summary>
-    public ValueTask AcquireSlotAsync(CancellationToken cancellationToken)
+    /// <summary>Takes a request slot if one is free; the caller then <see cref="Submit"/>s exactly one request.</summary>
+    public bool TryReserveSlot()
     {
-        if (_slots.Wait(0, CancellationToken.None))
+        var free = Volatile.Read(ref _freeSlots);
+        while (free > 0)
         {
-            return ValueTask.CompletedTask;
+            var seen = Interlocked.CompareExchange(ref _freeSlots, free - 1, free);
+            if (seen == free)
+            {
+                return true;
+            }
+
+            free = seen;
         }
 
-        return AcquireSlotSlowAsync(cancellationToken);
+        return false;
     }
 
     /// <summary>
-    /// Sends <paramref name="operation"/> (the caller holds a slot from <see cref="AcquireSlotAsync"/>). Its reply,
-    /// or the connection's failure, completes it.
+    /// Sends <paramref name="operation"/> in a slot taken with <see cref="TryReserveSlot"/>. Its reply, or the
+    /// connection's failure, completes it. False (and the slot is given back) if the connection has failed or is
+    /// closing: the caller sends the request elsewhere.
     /// </summary>
-    /// <exception cref="NbdConnectionException">The connection has failed or is closing.</exception>
-    public void Submit(NbdOperation operation, CancellationToken cancellationToken)
+    public bool Submit(NbdOperation operation)
     {
         lock (_pendingLock)
         {
             if (_failure is not null || _closing)
             {
-                _slots.Release();
-                throw _failure is not null
-                    ? Wrap(operation, _failure)
-                    : new NbdConnectionException($"{operation} refused: {_closeReason ?? $"the connection to {Server} is closing"}");
+                Interlocked.Increment(ref _freeSlots);
+                return false;
+            }
+
+            if (_pending.Count == 0)
+            {
+                _busySince = Stopwatch.GetTimestamp();
             }
 
             operation.Cookie = ++_lastCookie;
@@ -251,11 +304,9 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             _inFlight++;
         }
 
-        operation.Deadline = NbdOperation.DeadlineFrom(_options.RequestTimeout);
-        operation.RegisterCancellation(cancellationToken);
-
         // If the connection fails right now the channel refuses the write; the failure path already owns the operation.
         _sendQueue.Writer.TryWrite(operation);
+        return true;
     }
 
     /// <summary>
@@ -292,7 +343,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
                     new NbdRequest(CommandFlags.None, NbdCommand.Disconnect, ++_lastCookie, 0, 0).WriteTo(disconnect);
                     using var sendLimit = new CancellationTokenSource(TimeSpan.FromSeconds(5));
                     await _transport.SendAsync(disconnect, sendLimit.Token).ConfigureAwait(false);
-                    _transport.ShutdownSend();
+                    await _transport.ShutdownSendAsync().ConfigureAwait(false);
                     await WaitQuietly(_readLoop, TimeSpan.FromSeconds(2)).ConfigureAwait(false);
                 }
                 catch (Exception exception) when (exception is SocketException or IOException or OperationCanceledException or ObjectDisposedException)
@@ -332,30 +383,52 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     {
         _readLoop = Task.Run(ReadLoopAsync);
         _writeLoop = Task.Run(WriteLoopAsync);
-        if (_options.RequestTimeout != Timeout.InfiniteTimeSpan)
+        var shortest = Math.Min(
+            _options.RequestTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.RequestTimeout.Ticks,
+            _options.ReplyTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.ReplyTimeout.Ticks);
+        if (shortest != long.MaxValue)
         {
-            var period = TimeSpan.FromTicks(Math.Clamp(_options.RequestTimeout.Ticks / 4, TimeSpan.FromMilliseconds(10).Ticks, TimeSpan.FromSeconds(1).Ticks));
-            _timeoutTimer = new Timer(static state => ((NbdConnection)state!).ExpireRequests(), this, period, period);
+            var period = TimeSpan.FromTicks(Math.Clamp(shortest / 4, TimeSpan.FromMilliseconds(10).Ticks, TimeSpan.FromSeconds(1).Ticks));
+            _timeoutTimer = new Timer(static state => ((NbdConnection)state!).OnTimer(), this, period, period);
         }
     }
 
-    private async ValueTask AcquireSlotSlowAsync(CancellationToken cancellationToken)
+    private void OnTimer()
     {
-        if (Failure is { } failure)
-        {
-            throw new NbdConnectionException($"the connection to {Server} has failed: {failure.Message}", failure);
-        }
+        ExpireRequests();
+        DetectStall();
+    }
 
-        if (_options.RequestTimeout == Timeout.InfiniteTimeSpan)
+    /// <summary>
+    /// Requests in flight and not a byte from the server for <see cref="NbdClientOptions.ReplyTimeout"/>: the server
+    /// or the path to it hangs. The connection is failed, so its requests go out again on a new one.
+    /// </summary>
+    private void DetectStall()
+    {
+        var timeout = _options.ReplyTimeout;
+        if (timeout == Timeout.InfiniteTimeSpan)
         {
-            await _slots.WaitAsync(cancellationToken).ConfigureAwait(false);
             return;
         }
 
-        if (!await _slots.WaitAsync(_options.RequestTimeout, cancellationToken).ConfigureAwait(false))
+        long busySince;
+        int count;
+        lock (_pendingLock)
         {
-            throw new TimeoutException(
-                $"all {_options.MaxRequestsInFlight} request slots to {Server} stayed busy for {_options.RequestTimeout.TotalSeconds:0.###} s (the server is not answering)");
+            if (_failure is not null || _pending.Count == 0)
+            {
+                return;
+            }
+
+            busySince = _busySince;
+            count = _pending.Count;
+        }
+
+        var quietSince = Math.Max(busySince, _receive.LastReceive);
+        if (Stopwatch.GetElapsedTime(quietSince) > timeout)
+        {
+            Fail(new NbdConnectionException(
+                $"{Server} sent nothing for {timeout.TotalSeconds:0.###} s with {count} requests in flight, so the connection was taken for dead"));
         }
     }
 
@@ -378,22 +451,33 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             }
         }
 
-        _slots.Release();
+        Interlocked.Increment(ref _freeSlots);
         drained?.TrySetResult();
+        SlotFreed?.Invoke(this);
         return true;
     }
 
     /// <summary>Completes an operation whose final reply arrived.</summary>
     private void Complete(NbdOperation operation, Exception? error)
     {
+        if (error is NbdServerErrorException { Error: NbdError.Shutdown })
+        {
+            // Closing first, so the request handed back is not given to this connection again.
+            BeginSoftDisconnect();
+            if (ShutdownReply is { } resend)
+            {
+                if (RemovePending(operation))
+                {
+                    resend(this, operation);
+                }
+
+                return;
+            }
+        }
+
         if (RemovePending(operation))
         {
             operation.Finish(error);
-        }
-
-        if (error is NbdServerErrorException { Error: NbdError.Shutdown })
-        {
-            BeginSoftDisconnect();
         }
     }
 
@@ -456,9 +540,6 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         _transport.Abort();
         _sendQueue.Writer.TryComplete();
         drained?.TrySetResult();
-
-        // Wake anyone waiting for a slot: they will see the failure.
-        _slots.Release(Math.Max(1, orphans.Count));
         if (Failed is { } owner)
         {
             owner(this, orphans, failure);

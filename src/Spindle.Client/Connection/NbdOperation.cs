@@ -86,6 +86,15 @@ internal sealed class NbdOperation : IValueTaskSource
 
     internal NbdOperation? Next { get; set; }
 
+    /// <summary>The next operation in the logical client's queue of requests waiting for a connection.</summary>
+    internal NbdOperation? WaitNext { get; set; }
+
+    /// <summary>A FLUSH meant for one path of a multipath client (-1: any connection will do).</summary>
+    internal int PreferredPath { get; set; } = -1;
+
+    /// <summary>How many times the request was sent again after a connection was lost.</summary>
+    public int Resends { get; private set; }
+
     internal Action<NbdOperation>? OnFinished { get; set; }
 
     public bool HasPayload => Command == NbdCommand.Write;
@@ -130,6 +139,26 @@ internal sealed class NbdOperation : IValueTaskSource
             _cancellation = cancellationToken.UnsafeRegister(
                 static (state, token) => ((NbdOperation)state!).Abandon(new OperationCanceledException(token)),
                 this);
+        }
+    }
+
+    /// <summary>
+    /// Forgets what the lost connection did with the request (cookie, reply chunks, errors), so it can be sent again
+    /// on another one. Called only once that connection's loops have stopped: nothing else touches the reply state.
+    /// </summary>
+    public void ResetForResend()
+    {
+        _firstChunkStart = -1;
+        _firstChunkLength = 0;
+        _moreChunks = null;
+        ReplyError = null;
+        SawContext = false;
+        Extents?.Clear();
+        Cookie = 0;
+        Resends++;
+        lock (_gate)
+        {
+            _onWire = false;
         }
     }
 

@@ -15,8 +15,8 @@ internal sealed class ClientNegotiator
     /// <summary>Largest option reply the client accepts; NBD_REP_SERVER, the biggest normal one, is about 8 KiB.</summary>
     private const int MaxReplyLength = 1024 * 1024;
 
-    private readonly NbdTransport _transport;
     private readonly ReceiveBuffer _receive;
+    private NbdTransport _transport;
     private readonly ILogger _logger;
     private readonly string _server;
 
@@ -36,6 +36,61 @@ internal sealed class ClientNegotiator
     public bool NoZeroes { get; private set; }
 
     public bool StructuredReplies { get; private set; }
+
+    /// <summary>The transport options go over now: the socket, or TLS after <see cref="StartTlsAsync"/>.</summary>
+    public NbdTransport Transport => _transport;
+
+    /// <summary>True once NBD_OPT_STARTTLS succeeded and everything goes over TLS.</summary>
+    public bool IsTls { get; private set; }
+
+    /// <summary>
+    /// NBD_OPT_STARTTLS, then the TLS handshake; every later option goes over TLS. Called first, right after the
+    /// greeting (proto.md: a client that wants TLS SHOULD start it first). Any refusal ends the attempt: the client
+    /// never goes on in plain text when TLS was asked for (the downgrade libnbd's CVE-2019-14842 allowed).
+    /// </summary>
+    /// <exception cref="NbdTlsException">The server does not offer TLS, or the handshake failed.</exception>
+    public async Task StartTlsAsync(ClientTls tls, CancellationToken cancellationToken)
+    {
+        if (!FixedNewstyle)
+        {
+            throw new NbdTlsException($"{_server} does not speak fixed newstyle, so it cannot do TLS (NBD_OPT_STARTTLS); refusing to continue in plain text");
+        }
+
+        await SendOptionAsync(NbdOption.StartTls, [], cancellationToken).ConfigureAwait(false);
+        var reply = await ReadReplyAsync(NbdOption.StartTls, cancellationToken).ConfigureAwait(false);
+        if (reply.Type != OptionReplyType.Ack)
+        {
+            var detail = string.IsNullOrEmpty(reply.Message) ? string.Empty : $": {reply.Message}";
+            throw new NbdTlsException(
+                $"{_server} does not offer TLS (NBD_OPT_STARTTLS answered {ReplyName(reply.Type)}{detail}); refusing to continue in plain text (use nbd:// if plain text is acceptable)");
+        }
+
+        if (_receive.Count != 0)
+        {
+            // Whatever follows the ACK must be TLS from the server's side too; plain bytes here were injected.
+            throw new NbdProtocolException($"{_server} sent {_receive.Count} bytes in plain text after acknowledging NBD_OPT_STARTTLS");
+        }
+
+        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        limit.CancelAfter(tls.HandshakeTimeout);
+        TlsTransport secure;
+        try
+        {
+            secure = await tls.HandshakeAsync(_transport, limit.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            throw new NbdTlsException($"the TLS handshake with {_server} did not finish within {tls.HandshakeTimeout.TotalSeconds:0.#} s");
+        }
+
+        _transport = secure;
+        _receive.ReplaceTransport(secure);
+        IsTls = true;
+
+        // proto.md: all state negotiated before STARTTLS is forgotten; nothing but the client flags was sent.
+        StructuredReplies = false;
+        ClientLog.TlsStarted(_logger, _server, secure.Summary, tls.ToString());
+    }
 
     /// <summary>Reads the server's greeting and answers with the client flags.</summary>
     public async Task StartAsync(CancellationToken cancellationToken)
@@ -221,6 +276,133 @@ internal sealed class ClientNegotiator
         }
     }
 
+    /// <summary>
+    /// Learns the stable names of <paramref name="exportName"/>: from a Spindle server's <c>x-spindle:</c> meta contexts
+    /// when structured replies are on, otherwise (or when none are answered) with standard options: NBD_OPT_INFO gives its
+    /// canonical name (NBD_INFO_NAME), NBD_OPT_LIST names the aliases (<c>by-uuid/...</c>, <c>by-label/...</c>,
+    /// <c>by-serial/...</c>), and NBD_OPT_INFO on each alias tells which of them resolve to the same canonical name.
+    /// Null when the server gives no canonical name, refuses LIST or lists no alias of the export.
+    /// </summary>
+    public async Task<ExportIdentity?> DiscoverIdentityAsync(string exportName, bool structured, CancellationToken cancellationToken)
+    {
+        const int MaxProbes = 4096;
+        if (structured && await DescribedIdentityAsync(exportName, cancellationToken).ConfigureAwait(false) is { } described)
+        {
+            return described;
+        }
+
+        var own = await InfoOrGoAsync(NbdOption.Info, exportName, cancellationToken).ConfigureAwait(false);
+        var canonical = own?.CanonicalName;
+        if (canonical is null)
+        {
+            return null;
+        }
+
+        List<(string Name, string Description)> names;
+        try
+        {
+            names = await ListAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (NbdOptionException exception) when (exception.Reply != OptionReplyType.ErrorShutdown)
+        {
+            return null;
+        }
+
+        string? uuid = null, label = null, serial = null;
+        var probes = 0;
+        foreach (var (name, _) in names)
+        {
+            var (prefix, found) = name switch
+            {
+                _ when name.StartsWith(ExportIdentity.UuidPrefix, StringComparison.Ordinal) => (ExportIdentity.UuidPrefix, uuid),
+                _ when name.StartsWith(ExportIdentity.LabelPrefix, StringComparison.Ordinal) => (ExportIdentity.LabelPrefix, label),
+                _ when name.StartsWith(ExportIdentity.SerialPrefix, StringComparison.Ordinal) => (ExportIdentity.SerialPrefix, serial),
+                _ => (null, null),
+            };
+            if (prefix is null || found is not null || name.Length == prefix.Length || probes++ >= MaxProbes)
+            {
+                continue;
+            }
+
+            InfoResult? alias;
+            try
+            {
+                alias = await InfoOrGoAsync(NbdOption.Info, name, cancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception exception) when (exception is NbdOptionException { Reply: not OptionReplyType.ErrorShutdown } or NbdTlsException)
+            {
+                continue;
+            }
+
+            if (alias?.CanonicalName != canonical)
+            {
+                continue;
+            }
+
+            var value = name[prefix.Length..];
+            switch (prefix)
+            {
+                case ExportIdentity.UuidPrefix:
+                    uuid = value;
+                    break;
+                case ExportIdentity.LabelPrefix:
+                    label = value;
+                    break;
+                default:
+                    serial = value;
+                    break;
+            }
+        }
+
+        var identity = new ExportIdentity(uuid, label, serial);
+        return identity.IsEmpty ? null : identity;
+    }
+
+    /// <summary>
+    /// Spindle servers describe an export's stable names as meta contexts answering NBD_OPT_LIST_META_CONTEXT with the
+    /// query <c>x-spindle:</c> (<c>x-spindle:uuid=UUID</c>, <c>label=</c>, <c>serial=</c>), which works whether or not
+    /// the server lists aliases. Null when the server answers none (another server, or an export without names).
+    /// </summary>
+    private async Task<ExportIdentity?> DescribedIdentityAsync(string exportName, CancellationToken cancellationToken)
+    {
+        const string Namespace = "x-spindle:";
+        Dictionary<string, uint> answered;
+        try
+        {
+            answered = await MetaContextAsync(NbdOption.ListMetaContext, exportName, [Namespace], cancellationToken).ConfigureAwait(false);
+        }
+        catch (NbdOptionException exception) when (exception.Reply != OptionReplyType.ErrorShutdown)
+        {
+            return null;
+        }
+
+        string? uuid = null, label = null, serial = null;
+        foreach (var name in answered.Keys)
+        {
+            if (!name.StartsWith(Namespace, StringComparison.Ordinal) || name.IndexOf('=', StringComparison.Ordinal) is var equals && equals < 0)
+            {
+                continue;
+            }
+
+            var value = name[(equals + 1)..];
+            switch (name[Namespace.Length..equals])
+            {
+                case "uuid":
+                    uuid ??= value;
+                    break;
+                case "label":
+                    label ??= value;
+                    break;
+                case "serial":
+                    serial ??= value;
+                    break;
+            }
+        }
+
+        var identity = new ExportIdentity(uuid, label, serial);
+        return identity.IsEmpty ? null : identity;
+    }
+
     /// <summary>NBD_OPT_EXPORT_NAME: the one option whose failure is a closed connection.</summary>
     public async Task<InfoResult> ExportNameAsync(string exportName, CancellationToken cancellationToken)
     {
@@ -336,9 +518,12 @@ internal sealed class ClientNegotiator
         var detail = string.IsNullOrEmpty(reply.Message) ? string.Empty : $": {reply.Message}";
         switch (reply.Type)
         {
+            case OptionReplyType.ErrorTlsRequired when IsTls:
+                throw new NbdProtocolException($"{_server} answered {OptionName(option)} with NBD_REP_ERR_TLS_REQD although TLS is up");
             case OptionReplyType.ErrorTlsRequired:
-                throw new NbdTlsNotSupportedException(
-                    $"{_server} requires TLS ({OptionName(option)} answered NBD_REP_ERR_TLS_REQD{detail}); TLS not supported yet");
+                throw new NbdTlsException(exportName is null || option is not (NbdOption.Info or NbdOption.Go)
+                    ? $"{_server} requires TLS ({OptionName(option)} answered NBD_REP_ERR_TLS_REQD{detail}): use an nbds:// URI (with ?tls-certificates=DIR for its CA)"
+                    : $"{_server} serves export '{exportName}' only over TLS, or has no such export ({OptionName(option)} answered NBD_REP_ERR_TLS_REQD{detail}): use an nbds:// URI (with ?tls-certificates=DIR for its CA)");
             case OptionReplyType.ErrorUnknown when exportName is not null:
                 throw new NbdOptionException(option, reply.Type, $"{_server} has no export named '{exportName}' (NBD_REP_ERR_UNKNOWN{detail})");
             case OptionReplyType.ErrorPolicy when option == NbdOption.List:

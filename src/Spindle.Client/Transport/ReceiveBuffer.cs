@@ -18,8 +18,9 @@ internal sealed class ReceiveBuffer : IDisposable
     /// </summary>
     private const int FillLimit = 8 * 1024;
 
-    private readonly NbdTransport _transport;
+    private NbdTransport _transport;
     private byte[] _buffer;
+    private long _lastReceive = System.Diagnostics.Stopwatch.GetTimestamp();
     private int _start;
     private int _end;
     private int _wanted;
@@ -32,6 +33,24 @@ internal sealed class ReceiveBuffer : IDisposable
 
     /// <summary>Bytes buffered and not yet consumed.</summary>
     public int Count => _end - _start;
+
+    /// <summary>Stopwatch timestamp of the last bytes received: how a connection tells a silent server from a busy one.</summary>
+    public long LastReceive => Volatile.Read(ref _lastReceive);
+
+    /// <summary>
+    /// Receives from <paramref name="transport"/> from now on (TLS after NBD_OPT_STARTTLS). Nothing may be buffered:
+    /// bytes the server sent in plain text after the STARTTLS acknowledgement would otherwise be taken as TLS data.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">Bytes are still buffered.</exception>
+    public void ReplaceTransport(NbdTransport transport)
+    {
+        if (Count != 0)
+        {
+            throw new InvalidOperationException($"{Count} bytes are still buffered");
+        }
+
+        _transport = transport;
+    }
 
     public ReadOnlySpan<byte> Span => _buffer.AsSpan(_start, _end - _start);
 
@@ -83,6 +102,7 @@ internal sealed class ReceiveBuffer : IDisposable
                 throw new EndOfStreamException($"the server closed the connection after {done} of the {destination.Length} bytes of {what}");
             }
 
+            Volatile.Write(ref _lastReceive, System.Diagnostics.Stopwatch.GetTimestamp());
             done += read;
         }
     }
@@ -130,6 +150,7 @@ internal sealed class ReceiveBuffer : IDisposable
                 : $"the server closed the connection in the middle of {what}");
         }
 
+        Volatile.Write(ref _lastReceive, System.Diagnostics.Stopwatch.GetTimestamp());
         _end += read;
     }
 
