@@ -76,8 +76,9 @@ public sealed class NbdClientOptions
     public TimeSpan ReplyTimeout { get; set; } = TimeSpan.FromSeconds(60);
 
     /// <summary>
-    /// Learn the export's stable names (<see cref="ExportInfo.Identity"/>: UUID, label, serial) during negotiation,
-    /// from the aliases the server lists. Costs a LIST and a few INFO round trips per connection. Always on for
+    /// Learn the export's stable names (<see cref="ExportInfo.Identity"/>: UUID, label, serial) during negotiation:
+    /// from a Spindle server's <c>x-spindle:</c> meta contexts (one round trip), otherwise from the aliases the server
+    /// lists (a LIST and a few INFO round trips per connection). Always on for
     /// several paths, whose identities must agree. Default: false.
     /// </summary>
     public bool DiscoverIdentity { get; set; }
