@@ -29,8 +29,13 @@ public sealed class ReconnectTests
         DeadConnectionTimeout = deadTimeout ?? TimeSpan.FromSeconds(60),
     };
 
-    [Fact]
-    public async Task A_write_cut_in_the_middle_of_its_payload_is_sent_again_whole_on_a_new_connection()
+    /// <summary>The server reads this much of a 64 KiB WRITE (28-byte header, then the payload) and dies.</summary>
+    [Theory]
+    [InlineData(10)] // inside the request header
+    [InlineData(NbdLimits.RequestHeaderLength)] // the header, none of the payload
+    [InlineData(NbdLimits.RequestHeaderLength + 1000)] // in the middle of the payload
+    [InlineData(NbdLimits.RequestHeaderLength + 65536)] // the whole request, before any reply
+    public async Task A_write_cut_at_any_point_of_its_request_is_sent_again_whole_on_a_new_connection(int bytesRead)
     {
         var data = Patterns.Generate(4096, 65536, seed: 3);
         await using var server = ScriptedNbdServer.Start(async c =>
@@ -38,8 +43,7 @@ public sealed class ReconnectTests
             await c.HandshakeAsync(Size, Writable);
             if (c.Number == 1)
             {
-                // The header and a little of the payload, then the server is gone.
-                await c.ReadExactlyAsync(NbdLimits.RequestHeaderLength + 1000);
+                await c.ReadExactlyAsync(bytesRead);
                 c.Reset();
                 return;
             }
@@ -61,33 +65,179 @@ public sealed class ReconnectTests
     }
 
     [Fact]
-    public async Task A_read_cut_in_the_middle_of_its_reply_is_read_again_whole()
+    public async Task A_write_whose_reply_is_cut_short_is_sent_again_and_acknowledged_on_the_new_connection()
     {
+        var data = Patterns.Generate(0, 4096, seed: 9);
         await using var server = ScriptedNbdServer.Start(async c =>
         {
             await c.HandshakeAsync(Size, Writable);
-            var (request, _) = await c.ReadRequestAsync();
+            var (request, payload) = await c.ReadRequestAsync();
+            Assert.Equal(data, payload);
             if (c.Number == 1)
             {
-                // A chunk promising 64 KiB, 1000 bytes of something else, and the connection dies.
-                var header = new byte[StructuredReplyHeader.Length + 8];
-                StructuredReplyHeader.Write(header, ReplyFlags.Done, ReplyType.OffsetData, request.Cookie, 65536 + 8);
-                BinaryPrimitives.WriteUInt64BigEndian(header.AsSpan(20), request.Offset);
-                await c.SendAsync([.. header, .. Enumerable.Repeat((byte)0xee, 1000)]);
+                // The server wrote the data; 8 of the reply's 16 bytes leave before it dies.
+                var reply = new byte[SimpleReply.Length];
+                SimpleReply.Write(reply, NbdError.None, request.Cookie);
+                await c.SendAsync(reply[..8]);
                 c.Reset();
                 return;
             }
 
-            await c.SendDataChunkAsync(request.Cookie, request.Offset, Patterns.Generate((long)request.Offset, (int)request.Length, seed: 4));
+            await c.SendSimpleReplyAsync(request.Cookie);
             await c.WaitForClientCloseAsync();
         });
         await using var client = await NbdClient.ConnectAsync(server.Uri(), Fast(), Token);
+        await client.WriteAsync(0, data, Token).AsTask().WaitAsync(Bound, Token);
+        Assert.Equal(1, client.ResentRequests);
+        Assert.Equal(2, server.ConnectionCount);
+        await client.DisposeAsync();
+        await server.WaitForScriptsAsync();
+    }
+
+    /// <summary>A 64 KiB READ whose reply the server starts, with wrong bytes, and does not finish: the whole read goes out again.</summary>
+    [Theory]
+    [InlineData("structured: in the middle of a data chunk")]
+    [InlineData("structured: after a whole chunk that is not the last")]
+    [InlineData("simple: after the reply header")]
+    [InlineData("simple: in the middle of the data")]
+    public async Task A_read_cut_at_any_point_of_its_reply_is_read_again_whole(string cut)
+    {
+        var structured = cut.StartsWith("structured", StringComparison.Ordinal);
+        await using var server = ScriptedNbdServer.Start(async c =>
+        {
+            await c.HandshakeAsync(Size, Writable, structured);
+            var (request, _) = await c.ReadRequestAsync();
+            if (c.Number == 1)
+            {
+                var wrong = Enumerable.Repeat((byte)0xee, (int)request.Length / 2).ToArray();
+                switch (cut)
+                {
+                    case "structured: in the middle of a data chunk":
+                        // A chunk promising 64 KiB, 1000 bytes of it.
+                        var header = new byte[StructuredReplyHeader.Length + 8];
+                        StructuredReplyHeader.Write(header, ReplyFlags.Done, ReplyType.OffsetData, request.Cookie, request.Length + 8);
+                        BinaryPrimitives.WriteUInt64BigEndian(header.AsSpan(20), request.Offset);
+                        await c.SendAsync([.. header, .. wrong[..1000]]);
+                        break;
+                    case "structured: after a whole chunk that is not the last":
+                        await c.SendDataChunkAsync(request.Cookie, request.Offset, wrong, done: false);
+                        break;
+                    case "simple: after the reply header":
+                        await c.SendSimpleReplyAsync(request.Cookie);
+                        break;
+                    default:
+                        await c.SendSimpleReplyAsync(request.Cookie, NbdError.None, wrong[..1000]);
+                        break;
+                }
+
+                c.Reset();
+                return;
+            }
+
+            var data = Patterns.Generate((long)request.Offset, (int)request.Length, seed: 4);
+            await (structured ? c.SendDataChunkAsync(request.Cookie, request.Offset, data) : c.SendSimpleReplyAsync(request.Cookie, NbdError.None, data));
+            await c.WaitForClientCloseAsync();
+        });
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), Fast(), Token);
+        Assert.Equal(structured, client.Export.StructuredReplies);
         var buffer = new byte[65536];
         await client.ReadAsync(131072, buffer, Token).AsTask().WaitAsync(Bound, Token);
         Assert.Equal(Patterns.Generate(131072, 65536, seed: 4), buffer);
         Assert.Equal(1, client.ResentRequests);
         await client.DisposeAsync();
         await server.WaitForScriptsAsync();
+    }
+
+    [Fact]
+    public async Task A_connection_lost_between_a_write_reply_and_the_flush_sends_only_the_flush_on_the_new_connection()
+    {
+        var seenAfterReconnect = new List<NbdCommand>();
+        await using var server = ScriptedNbdServer.Start(async c =>
+        {
+            await c.HandshakeAsync(Size, Writable);
+            if (c.Number == 1)
+            {
+                var (write, _) = await c.ReadRequestAsync();
+                await c.SendSimpleReplyAsync(write.Cookie);
+                c.Reset();
+                return;
+            }
+
+            var (request, _) = await c.ReadRequestAsync();
+            seenAfterReconnect.Add(request.Command);
+            await c.SendSimpleReplyAsync(request.Cookie);
+            await c.WaitForClientCloseAsync();
+        });
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), Fast(), Token);
+        await client.WriteAsync(0, new byte[4096], Token).AsTask().WaitAsync(Bound, Token);
+
+        // The write is acknowledged and the connection is gone; the flush is called once the client is back.
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        while (client.Reconnections == 0)
+        {
+            Assert.True(watch.Elapsed < Bound, "the client did not reconnect");
+            await Task.Delay(10, Token);
+        }
+
+        await client.FlushAsync(Token).AsTask().WaitAsync(Bound, Token);
+        Assert.Equal([NbdCommand.Flush], seenAfterReconnect);
+        Assert.Equal(0, client.ResentRequests);
+        await client.DisposeAsync();
+        await server.WaitForScriptsAsync();
+    }
+
+    [Fact]
+    public async Task After_a_cut_the_flush_waits_for_every_replayed_write_even_when_they_are_answered_out_of_order()
+    {
+        var writesArrived = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var flushCalled = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var replayed = new List<ulong>();
+        var flushSeenEarly = false;
+        NbdCommand? afterBothAcknowledged = null;
+        await using var server = ScriptedNbdServer.Start(async c =>
+        {
+            await c.HandshakeAsync(Size, Writable);
+            if (c.Number == 1)
+            {
+                var (first, _) = await c.ReadRequestAsync();
+                await c.SendSimpleReplyAsync(first.Cookie);
+                await c.ReadRequestAsync();
+                await c.ReadRequestAsync();
+                writesArrived.SetResult();
+                await flushCalled.Task.WaitAsync(Bound);
+                c.Reset();
+                return;
+            }
+
+            var (a, _) = await c.ReadRequestAsync();
+            var (b, _) = await c.ReadRequestAsync();
+            replayed.AddRange([a.Offset, b.Offset]);
+
+            // The later write is answered first; the flush must still wait for the earlier one.
+            await c.SendSimpleReplyAsync(b.Cookie);
+            flushSeenEarly = !c.NothingArrivesWithin(TimeSpan.FromMilliseconds(300));
+            await c.SendSimpleReplyAsync(a.Cookie);
+            var (next, _) = await c.ReadRequestAsync();
+            afterBothAcknowledged = next.Command;
+            await c.SendSimpleReplyAsync(next.Cookie);
+            await c.WaitForClientCloseAsync();
+        });
+        await using var client = await NbdClient.ConnectAsync(server.Uri(), Fast(), Token);
+        await client.WriteAsync(0, Patterns.Generate(0, 4096, seed: 1), Token);
+        var second = client.WriteAsync(8192, Patterns.Generate(8192, 4096, seed: 1), Token).AsTask();
+        var third = client.WriteAsync(16384, Patterns.Generate(16384, 4096, seed: 1), Token).AsTask();
+        await writesArrived.Task.WaitAsync(Bound, Token);
+        var flush = client.FlushAsync(Token).AsTask();
+        flushCalled.SetResult();
+        await Task.WhenAll(second, third, flush).WaitAsync(Bound, Token);
+        await client.DisposeAsync();
+        await server.WaitForScriptsAsync();
+
+        // The unanswered writes went out again in their order (the answered one did not), and the FLUSH came last.
+        Assert.Equal([8192UL, 16384UL], replayed);
+        Assert.False(flushSeenEarly, "the FLUSH was sent before every write before it was acknowledged");
+        Assert.Equal(NbdCommand.Flush, afterBothAcknowledged);
+        Assert.Equal(2, client.ResentRequests);
     }
 
     [Fact]

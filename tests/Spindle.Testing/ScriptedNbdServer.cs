@@ -369,6 +369,9 @@ public sealed class ScriptedConnection : IAsyncDisposable
         }
     }
 
+    /// <summary>True if the client sends nothing within <paramref name="window"/> (nothing is consumed).</summary>
+    public bool NothingArrivesWithin(TimeSpan window) => !_socket.Poll(window, SelectMode.SelectRead);
+
     /// <summary>Closes the connection at once with a reset (what a crashed server looks like).</summary>
     public void Reset()
     {
