@@ -57,7 +57,8 @@ try
         {
             foreach (var server in order)
             {
-                await server.EnsureRunningAsync();
+                // A fresh process per run: no server carries one workload's memory or state into the next.
+                await server.RestartAsync();
                 var result = await workload.RunAsync(server, options, work, round, root);
                 results.Add(result);
                 Console.WriteLine($"bench: round {round + 1}/{options.Rounds} {workload.Name,-20} {server.Name,-10} {result.Summary}");

@@ -33,7 +33,7 @@ internal static class Report
         Line("`flush`, `fua` and `trim` enabled (it forks a process per client); `qemu-nbd --format=raw --cache=writeback");
         Line("--shared=0 --persistent IMAGE`. Clients: fio's nbd engine (libnbd), one connection per job, 1 s ramp-up excluded.");
         Line("CPU is the server's user + system time (child processes included), peak memory the highest resident set of");
-        Line("its process tree sampled every 100 ms.");
+        Line("its process tree sampled every 100 ms. Every server is started afresh before each run, so a run's figures are its own.");
         Line();
         Line("## Results");
         Line();

@@ -56,6 +56,24 @@ internal abstract class ServerUnderTest : IAsyncDisposable
         await WaitForPortAsync(Port);
     }
 
+    /// <summary>
+    /// Stops the server and starts it again on the same port, so each workload meets a fresh process: its peak memory
+    /// is the workload's own, not what an earlier workload left behind (buffers a server keeps, heap it grew).
+    /// </summary>
+    public async Task RestartAsync()
+    {
+        if (_process is { HasExited: false })
+        {
+            _process.Kill(entireProcessTree: true);
+            await _process.WaitForExitAsync();
+        }
+
+        _process?.Dispose();
+        _process = Launch(_image, Port, _work);
+        Pid = _process?.Id ?? Pid;
+        await WaitForPortAsync(Port);
+    }
+
     private bool IsAlive()
     {
         try
