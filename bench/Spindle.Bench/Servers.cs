@@ -62,12 +62,7 @@ internal abstract class ServerUnderTest : IAsyncDisposable
     /// </summary>
     public async Task RestartAsync()
     {
-        if (_process is { HasExited: false })
-        {
-            _process.Kill(entireProcessTree: true);
-            await _process.WaitForExitAsync();
-        }
-
+        await StopProcessAsync();
         _process?.Dispose();
         _process = Launch(_image, Port, _work);
         Pid = _process?.Id ?? Pid;
@@ -89,6 +84,16 @@ internal abstract class ServerUnderTest : IAsyncDisposable
     }
 
     protected abstract Process? Launch(string image, int port, string workDirectory);
+
+    /// <summary>Stops the server's processes and waits until they are gone.</summary>
+    protected virtual async Task StopProcessAsync()
+    {
+        if (_process is { HasExited: false })
+        {
+            _process.Kill(entireProcessTree: true);
+            await _process.WaitForExitAsync();
+        }
+    }
 
     public virtual async ValueTask DisposeAsync()
     {
@@ -180,9 +185,16 @@ internal sealed class NbdServerServer : ServerUnderTest
         return null;
     }
 
-    public override async ValueTask DisposeAsync()
+    /// <summary>A daemon, not a child: its tree is found by the pid file and killed, and waited for (at most 10 s).</summary>
+    protected override async Task StopProcessAsync()
     {
-        foreach (var pid in Processes.Tree(Pid).AsEnumerable().Reverse())
+        if (Pid == 0)
+        {
+            return;
+        }
+
+        var tree = Processes.Tree(Pid);
+        foreach (var pid in tree.AsEnumerable().Reverse())
         {
             try
             {
@@ -193,7 +205,30 @@ internal sealed class NbdServerServer : ServerUnderTest
             }
         }
 
-        await Task.Delay(200);
+        for (var i = 0; i < 200 && tree.Any(IsRunning); i++)
+        {
+            await Task.Delay(50);
+        }
+    }
+
+    /// <summary>Alive and not a zombie (a killed daemon is reparented to whatever init reaps it, maybe late).</summary>
+    private static bool IsRunning(int pid)
+    {
+        try
+        {
+            var stat = File.ReadAllText($"/proc/{pid}/stat");
+            var state = stat[(stat.LastIndexOf(')') + 2)..].FirstOrDefault();
+            return state is not ('Z' or 'X');
+        }
+        catch (IOException)
+        {
+            return false;
+        }
+    }
+
+    public override async ValueTask DisposeAsync()
+    {
+        await StopProcessAsync();
         await base.DisposeAsync();
     }
 }
