@@ -151,8 +151,27 @@ internal sealed class FileCopyEndpoint(FileBlockDevice device, string name) : Co
     public override ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken) =>
         device.ReadAsync(offset, buffer, cancellationToken);
 
-    public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
-        device.WriteAsync(offset, data, fua: false, cancellationToken);
+    /// <summary>
+    /// Buffered writes to one file serialise on its inode lock in the kernel: dozens of copy workers writing at once
+    /// only spin on it (a 1 GiB copy burnt 3 s of system time against 0.6 s with two writers), so at most this many
+    /// write at a time. Reads are not limited.
+    /// </summary>
+    private const int MaxConcurrentWrites = 2;
+
+    private readonly SemaphoreSlim _writers = new(MaxConcurrentWrites, MaxConcurrentWrites);
+
+    public override async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        await _writers.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await device.WriteAsync(offset, data, fua: false, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            _writers.Release();
+        }
+    }
 
     public override async ValueTask<bool> TryZeroAsync(long offset, long length, bool allocate, CancellationToken cancellationToken)
     {
@@ -198,7 +217,11 @@ internal sealed class FileCopyEndpoint(FileBlockDevice device, string name) : Co
 
     public override ValueTask FlushAsync(CancellationToken cancellationToken) => device.FlushAsync(cancellationToken);
 
-    public override ValueTask DisposeAsync() => device.DisposeAsync();
+    public override ValueTask DisposeAsync()
+    {
+        _writers.Dispose();
+        return device.DisposeAsync();
+    }
 
     /// <summary>Opens a source file or block device read-only.</summary>
     public static FileCopyEndpoint OpenSource(string path)
