@@ -18,9 +18,9 @@ public enum NegotiationMethod
 /// </summary>
 public sealed record ExportIdentity(string? Uuid, string? Label, string? Serial)
 {
-    public const string UuidPrefix = "by-uuid/";
-    public const string LabelPrefix = "by-label/";
-    public const string SerialPrefix = "by-serial/";
+    public const string UuidPrefix = StableNames.ByUuid;
+    public const string LabelPrefix = StableNames.ByLabel;
+    public const string SerialPrefix = StableNames.BySerial;
 
     public bool IsEmpty => Uuid is null && Label is null && Serial is null;
 

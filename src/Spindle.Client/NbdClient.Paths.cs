@@ -216,10 +216,7 @@ public sealed partial class NbdClient
         // meet it again, so they fail (the spec's hard disconnect); later requests get a new connection.
         if (closing || !Options.Reconnects || failure is NbdProtocolException)
         {
-            foreach (var operation in unacknowledged)
-            {
-                operation.Finish(NbdConnection.Wrap(operation, failure));
-            }
+            NbdConnection.FailAll(unacknowledged, failure);
         }
         else
         {
@@ -257,10 +254,7 @@ public sealed partial class NbdClient
             waiting = TakeAllWaitingLocked();
         }
 
-        foreach (var operation in waiting)
-        {
-            operation.Finish(NbdConnection.Wrap(operation, refusal));
-        }
+        NbdConnection.FailAll(waiting, refusal);
     }
 
     /// <summary>The server answered ESHUTDOWN (it is going away): the request is sent again elsewhere, not failed.</summary>
@@ -327,11 +321,7 @@ public sealed partial class NbdClient
 
         if (refusal is not null)
         {
-            foreach (var operation in resend)
-            {
-                operation.Finish(NbdConnection.Wrap(operation, refusal));
-            }
-
+            NbdConnection.FailAll(resend, refusal);
             return;
         }
 
@@ -544,10 +534,7 @@ public sealed partial class NbdClient
         if (dead is not null)
         {
             ClientLog.ConnectionDead(_logger, dead.Message, failed!.Count);
-            foreach (var operation in failed)
-            {
-                operation.Finish(NbdConnection.Wrap(operation, dead));
-            }
+            NbdConnection.FailAll(failed, dead);
         }
 
         if (expired is not null)

@@ -492,10 +492,7 @@ public sealed partial class NbdClient : IAsyncDisposable
         }
 
         var closed = new NbdConnectionException($"the client for {Uri} has been closed");
-        foreach (var operation in waiting)
-        {
-            operation.Finish(NbdConnection.Wrap(operation, closed));
-        }
+        NbdConnection.FailAll(waiting, closed);
 
         await Task.WhenAll(connections.Select(connection => connection.DisposeAsync().AsTask())).ConfigureAwait(false);
         await _timer.DisposeAsync().ConfigureAwait(false);

@@ -226,3 +226,42 @@ public static class MetaContexts
     public const string BaseNamespace = "base:";
     public const string BaseAllocation = "base:allocation";
 }
+
+/// <summary>
+/// How Spindle names an export by what it is rather than by its place: the export-name aliases
+/// <c>by-uuid/UUID</c>, <c>by-label/LABEL</c> and <c>by-serial/SERIAL</c>, and the descriptive meta contexts a
+/// server answers to NBD_OPT_LIST_META_CONTEXT with the query <c>x-spindle:</c> (<c>x-spindle:uuid=UUID</c>,
+/// <c>x-spindle:label=LABEL</c>, <c>x-spindle:serial=SERIAL</c>). Server and client both speak it from here.
+/// </summary>
+public static class StableNames
+{
+    public const string ByUuid = "by-uuid/";
+    public const string ByLabel = "by-label/";
+    public const string BySerial = "by-serial/";
+
+    /// <summary>The meta-context namespace (and the query) that carries the stable names.</summary>
+    public const string MetaNamespace = "x-spindle:";
+
+    public const string UuidKey = "uuid";
+    public const string LabelKey = "label";
+    public const string SerialKey = "serial";
+
+    /// <summary>The meta-context name for one stable name, e.g. <c>x-spindle:uuid=...</c>.</summary>
+    public static string MetaContext(string key, string value) => $"{MetaNamespace}{key}={value}";
+
+    /// <summary>Splits a meta-context name made by <see cref="MetaContext"/>; false for any other name.</summary>
+    public static bool TryParseMetaContext(string name, out string key, out string value)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        var equals = name.IndexOf('=', StringComparison.Ordinal);
+        if (!name.StartsWith(MetaNamespace, StringComparison.Ordinal) || equals < MetaNamespace.Length)
+        {
+            key = value = string.Empty;
+            return false;
+        }
+
+        key = name[MetaNamespace.Length..equals];
+        value = name[(equals + 1)..];
+        return true;
+    }
+}

@@ -53,14 +53,14 @@ internal static class AttachLinks
     }
 
     /// <summary>Removes the links that still point to <paramref name="device"/> (a later attachment may have taken a name over).</summary>
-    public static void Remove(IEnumerable<string> links, string? device)
+    public static void Remove(IEnumerable<string> links, string device)
     {
         foreach (var link in links)
         {
             try
             {
                 var info = new FileInfo(link);
-                if (info.LinkTarget is { } target && (device is null || target == device))
+                if (info.LinkTarget == device)
                 {
                     info.Delete();
                 }

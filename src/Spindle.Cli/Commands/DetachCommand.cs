@@ -116,15 +116,22 @@ internal static class DetachCommand
 
         // 1. Every loop device reading a file under the mount point (normally the one in the state), and the
         // stable-name links to it (gone before the device number can be reused by another attachment).
+        var released = new HashSet<string>(StringComparer.Ordinal);
         foreach (var loop in LoopDevice.List().Where(device => device.BackingFile.StartsWith(prefix, StringComparison.Ordinal)))
         {
             await LoopDevice.DetachAsync(loop.Device, wait, cancellationToken).ConfigureAwait(false);
-            AttachLinks.RemoveAllTo(loop.Device);
+            released.Add(loop.Device);
         }
 
+        // The recorded device too: its server may have released it already and left the links behind.
         if (state?.LoopDevice is { } recorded)
         {
-            AttachLinks.Remove(state.Links ?? [], recorded);
+            released.Add(recorded);
+        }
+
+        foreach (var device in released)
+        {
+            AttachLinks.RemoveAllTo(device);
         }
 
         // 2. The mount. A live server sees its connection end, flushes the device and exits; a dead one left a

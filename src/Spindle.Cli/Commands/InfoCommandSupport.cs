@@ -110,10 +110,10 @@ internal static class ClientCommandSupport
         return options;
     }
 
-    /// <summary>The --dead-timeout option every client command takes.</summary>
-    public static Option<string?> DeadTimeoutOption() => new("--dead-timeout")
+    /// <summary>The --dead-timeout option every client command takes (parsed by <see cref="ParseDeadTimeout"/>).</summary>
+    public static Option<string?> DeadTimeoutOption(string? description = null) => new("--dead-timeout")
     {
-        Description = "Seconds to wait for a lost server to come back (requests wait and are sent again), 0 to fail at once, or 'never' to wait forever [default: 300].",
+        Description = description ?? "Seconds to wait for a lost server to come back (requests wait and are sent again), 0 to fail at once, or 'never' to wait forever [default: 300].",
     };
 
     /// <summary>Parses --dead-timeout: seconds, 0, or never.</summary>

@@ -174,10 +174,9 @@ internal sealed class MountCommandOptions
         Description = "Another NBD URI serving the same export (multipath: requests spread over the live paths, a dead one's move to the others); repeat for more.",
     };
 
-    public Option<string?> DeadTimeout { get; } = new("--dead-timeout")
-    {
-        Description = "NBD sources: seconds requests wait for a lost server to come back before failing with EIO, or 'never' (a hard mount) [default: 300].",
-    };
+    /// <summary>The client commands' --dead-timeout, described for a device (EIO, a hard mount).</summary>
+    public Option<string?> DeadTimeout { get; } = ClientCommandSupport.DeadTimeoutOption(
+        "NBD sources: seconds requests wait for a lost server to come back before failing with EIO, or 'never' (a hard mount) [default: 300].");
 
     public Option<int?> Connections { get; } = new("--connections", "-C") { Description = "NBD sources: connections per server when the export advertises multi-conn [default: 1]." };
 
@@ -299,17 +298,14 @@ internal sealed class MountCommandOptions
         }
 
         var create = parse.GetValue(Create) is { } text ? SizeParser.Parse(text, "--create") : (long?)null;
-        TimeSpan? deadTimeout = null;
-        if (parse.GetValue(DeadTimeout) is { } dead)
+        TimeSpan? deadTimeout;
+        try
         {
-            try
-            {
-                deadTimeout = ClientCommandSupport.ParseDeadTimeout(dead);
-            }
-            catch (FormatException exception)
-            {
-                throw new ConfigurationException(exception.Message);
-            }
+            deadTimeout = ClientCommandSupport.ParseDeadTimeout(parse.GetValue(DeadTimeout));
+        }
+        catch (FormatException exception)
+        {
+            throw new ConfigurationException(exception.Message);
         }
 
         var connections = parse.GetValue(Connections) ?? 1;

@@ -546,10 +546,16 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
         else
         {
-            foreach (var operation in orphans)
-            {
-                operation.Finish(Wrap(operation, failure));
-            }
+            FailAll(orphans, failure);
+        }
+    }
+
+    /// <summary>Fails every one of <paramref name="operations"/> with <see cref="Wrap"/> of <paramref name="failure"/>.</summary>
+    internal static void FailAll(IEnumerable<NbdOperation> operations, Exception failure)
+    {
+        foreach (var operation in operations)
+        {
+            operation.Finish(Wrap(operation, failure));
         }
     }
 

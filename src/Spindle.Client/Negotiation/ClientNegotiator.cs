@@ -365,11 +365,10 @@ internal sealed class ClientNegotiator
     /// </summary>
     private async Task<ExportIdentity?> DescribedIdentityAsync(string exportName, CancellationToken cancellationToken)
     {
-        const string Namespace = "x-spindle:";
         Dictionary<string, uint> answered;
         try
         {
-            answered = await MetaContextAsync(NbdOption.ListMetaContext, exportName, [Namespace], cancellationToken).ConfigureAwait(false);
+            answered = await MetaContextAsync(NbdOption.ListMetaContext, exportName, [StableNames.MetaNamespace], cancellationToken).ConfigureAwait(false);
         }
         catch (NbdOptionException exception) when (exception.Reply != OptionReplyType.ErrorShutdown)
         {
@@ -379,21 +378,20 @@ internal sealed class ClientNegotiator
         string? uuid = null, label = null, serial = null;
         foreach (var name in answered.Keys)
         {
-            if (!name.StartsWith(Namespace, StringComparison.Ordinal) || name.IndexOf('=', StringComparison.Ordinal) is var equals && equals < 0)
+            if (!StableNames.TryParseMetaContext(name, out var key, out var value))
             {
                 continue;
             }
 
-            var value = name[(equals + 1)..];
-            switch (name[Namespace.Length..equals])
+            switch (key)
             {
-                case "uuid":
+                case StableNames.UuidKey:
                     uuid ??= value;
                     break;
-                case "label":
+                case StableNames.LabelKey:
                     label ??= value;
                     break;
-                case "serial":
+                case StableNames.SerialKey:
                     serial ??= value;
                     break;
             }

@@ -417,7 +417,7 @@ internal sealed partial class NbdConnection
         var identity = false;
         foreach (var query in request.Queries)
         {
-            identity |= !set && query == ExportIdentity.MetaNamespace;
+            identity |= !set && query == StableNames.MetaNamespace;
             var colon = query.IndexOf(':', StringComparison.Ordinal);
             if (colon <= 0)
             {
@@ -435,15 +435,15 @@ internal sealed partial class NbdConnection
         if (identity)
         {
             // The export's stable names, for clients that make /dev/disk/by-*-style links (see ExportIdentity).
-            WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, $"{ExportIdentity.MetaNamespace}uuid={export.Uuid:D}"));
+            WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, StableNames.MetaContext(StableNames.UuidKey, export.Uuid.ToString("D"))));
             if (export.Options.Label is { } label)
             {
-                WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, $"{ExportIdentity.MetaNamespace}label={label}"));
+                WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, StableNames.MetaContext(StableNames.LabelKey, label)));
             }
 
             if (export.Options.Serial is { } serial)
             {
-                WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, $"{ExportIdentity.MetaNamespace}serial={serial}"));
+                WriteReply(option, OptionReplyType.MetaContext, MetaContextReply.Create(0, StableNames.MetaContext(StableNames.SerialKey, serial)));
             }
         }
 

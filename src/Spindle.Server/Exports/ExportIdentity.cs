@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
+using Spindle.Protocol;
 using Spindle.Storage;
 
 namespace Spindle.Server.Exports;
@@ -12,9 +13,9 @@ namespace Spindle.Server.Exports;
 /// </summary>
 public static partial class ExportIdentity
 {
-    public const string ByUuid = "by-uuid/";
-    public const string ByLabel = "by-label/";
-    public const string BySerial = "by-serial/";
+    public const string ByUuid = StableNames.ByUuid;
+    public const string ByLabel = StableNames.ByLabel;
+    public const string BySerial = StableNames.BySerial;
 
     /// <summary>
     /// The metadata-context namespace that carries an export's stable names. NBD_OPT_LIST_META_CONTEXT with the
@@ -22,7 +23,7 @@ public static partial class ExportIdentity
     /// <c>x-spindle:serial=SERIAL</c>. They describe the export and cannot be selected; the x- namespace is the one the
     /// NBD spec leaves to implementations, and only an explicit query returns them.
     /// </summary>
-    public const string MetaNamespace = "x-spindle:";
+    public const string MetaNamespace = StableNames.MetaNamespace;
 
     private const string Attribute = "user.spindle.uuid";
 

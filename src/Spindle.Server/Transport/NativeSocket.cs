@@ -89,55 +89,6 @@ internal static unsafe partial class NativeSocket
         }
     }
 
-    [LibraryImport("libc", EntryPoint = "recv", SetLastError = true)]
-    private static partial nint Recv(int fd, byte* buffer, nuint length, int flags);
-
-    /// <summary>
-    /// recv(2) with MSG_DONTWAIT: the bytes received (0 at end of stream), or -1 when nothing is there yet; throws a
-    /// <see cref="SocketException"/> on any other error.
-    /// </summary>
-    public static int TryReceive(Socket socket, Span<byte> buffer)
-    {
-        var added = false;
-        var handle = socket.SafeHandle;
-        try
-        {
-            handle.DangerousAddRef(ref added);
-            var fd = (int)handle.DangerousGetHandle();
-            fixed (byte* pointer = buffer)
-            {
-                while (true)
-                {
-                    var received = Recv(fd, pointer, (nuint)buffer.Length, MsgDontWait);
-                    if (received >= 0)
-                    {
-                        return (int)received;
-                    }
-
-                    var errno = Marshal.GetLastPInvokeError();
-                    if (errno == EINTR)
-                    {
-                        continue;
-                    }
-
-                    if (errno == EAGAIN)
-                    {
-                        return -1;
-                    }
-
-                    throw new SocketException(ToSocketError(errno));
-                }
-            }
-        }
-        finally
-        {
-            if (added)
-            {
-                handle.DangerousRelease();
-            }
-        }
-    }
-
     private static int ToSocketError(int errno) => errno switch
     {
         32 => (int)SocketError.Shutdown, // EPIPE

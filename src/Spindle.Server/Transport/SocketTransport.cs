@@ -92,14 +92,9 @@ public sealed class SocketTransport : ConnectionTransport
         if (poll > TimeSpan.Zero)
         {
             var deadline = System.Diagnostics.Stopwatch.GetTimestamp() + (long)(poll.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
-            for (var attempt = 0; attempt < 1000; attempt++)
+            // poll(2) with no timeout: true once data, the end of the stream or an error is there to receive.
+            for (var attempt = 0; attempt < 1000 && !_socket.Poll(0, SelectMode.SelectRead); attempt++)
             {
-                var received = NativeSocket.TryReceive(_socket, buffer);
-                if (received >= 0)
-                {
-                    return received;
-                }
-
                 if (System.Diagnostics.Stopwatch.GetTimestamp() > deadline)
                 {
                     break;
