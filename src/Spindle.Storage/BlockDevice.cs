@@ -140,6 +140,12 @@ public abstract class BlockDevice : IAsyncDisposable
         return ValueTask.CompletedTask;
     }
 
+    /// <summary>
+    /// Metadata contexts this device answers besides <c>base:allocation</c> (which comes from
+    /// <see cref="GetExtentsAsync"/>). Default: none.
+    /// </summary>
+    public virtual IReadOnlyList<MetaContextSource> MetaContexts => [];
+
     public ValueTask DisposeAsync()
     {
         GC.SuppressFinalize(this);

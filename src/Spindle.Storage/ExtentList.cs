@@ -2,8 +2,12 @@ using Spindle.Protocol;
 
 namespace Spindle.Storage;
 
-/// <summary>One run of bytes sharing an allocation status.</summary>
-public readonly record struct Extent(long Length, AllocationFlags Flags);
+/// <summary>One run of bytes sharing a status: allocation flags for base:allocation, or another context's word.</summary>
+public readonly record struct Extent(long Length, AllocationFlags Flags)
+{
+    /// <summary>The status as the 32-bit word a metadata context other than base:allocation defines.</summary>
+    public uint Status => (uint)Flags;
+}
 
 /// <summary>
 /// Collects the extents a backend reports, merging neighbours with equal status (the spec asks for different
@@ -34,6 +38,10 @@ public sealed class ExtentList
     public ReadOnlySpan<Extent> Items => _items.AsSpan(0, Count);
 
     public Extent this[int index] => Items[index];
+
+    /// <summary>Appends an extent with a metadata context's own status word (see <see cref="MetaContextSource"/>).</summary>
+    /// <returns>False when the list is full and the extent was not recorded.</returns>
+    public bool Add(long length, uint status) => Add(length, (AllocationFlags)status);
 
     /// <summary>Appends an extent, merging it into the previous one when the status is equal. Zero lengths are ignored.</summary>
     /// <returns>False when the list is full and the extent was not recorded.</returns>
