@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 using Spindle.Protocol;
-using Spindle.Server.Transport;
+using Spindle.Wire;
 
 namespace Spindle.Benchmarks;
 
@@ -9,7 +9,7 @@ namespace Spindle.Benchmarks;
 /// prepared batch of requests, counting the replies that come back. It allocates nothing per batch, so what a
 /// benchmark reports as allocated is the server's. Blocking, so the connection runs on a thread of its own.
 /// </summary>
-internal sealed class ReplayTransport : ConnectionTransport
+internal sealed class ReplayTransport : Transport
 {
     private readonly byte[] _handshake;
     private readonly byte[] _batch;
@@ -28,7 +28,11 @@ internal sealed class ReplayTransport : ConnectionTransport
         _repliesPerBatch = repliesPerBatch;
     }
 
-    public override bool IsBlocking => true;
+    public override Task RunAsync(Func<Task> connection, string name) => RunOnDedicatedThread(connection, name);
+
+    public override ValueTask ReaderWaitAsync(ValueTask pending) => BlockOn(pending);
+
+    protected override Stream OpenStream() => throw new NotSupportedException("no TLS over a replay");
 
     public override string RemoteDescription => "replay";
 

@@ -3,8 +3,8 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Spindle.Client.Connection;
 using Spindle.Client.Negotiation;
-using Spindle.Client.Transport;
 using Spindle.Protocol;
+using Spindle.Wire;
 
 namespace Spindle.Client;
 
@@ -251,7 +251,7 @@ public sealed partial class NbdClient : IAsyncDisposable
         var logger = Logger(options);
         var transport = await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
         List<ExportListing> listings;
-        using (var receive = new ReceiveBuffer(transport))
+        using (var receive = new ReceiveBuffer(transport, ReceiveBufferOptions.Client))
         {
             var negotiator = new ClientNegotiator(transport, receive, logger);
             try
@@ -267,7 +267,7 @@ public sealed partial class NbdClient : IAsyncDisposable
                     if (!negotiator.FixedNewstyle)
                     {
                         throw new NbdOptionException(NbdOption.List, OptionReplyType.ErrorUnsupported,
-                            $"{transport.Description} does not speak fixed newstyle, so it cannot list its exports");
+                            $"{transport.RemoteDescription} does not speak fixed newstyle, so it cannot list its exports");
                     }
 
                     var structured = options.StructuredReplies && await negotiator.RequestStructuredRepliesAsync(token).ConfigureAwait(false);

@@ -4,7 +4,7 @@ using Spindle.Fuse.Kernel;
 using Spindle.Fuse.Native;
 using Spindle.Protocol;
 using Spindle.Storage;
-using Errno = Spindle.Fuse.Native.Errno;
+using Errno = Spindle.Protocol.Errno;
 
 namespace Spindle.Fuse;
 
@@ -437,18 +437,7 @@ internal sealed class BlockDeviceFile
     /// <summary>The errno a failed device operation is reported with.</summary>
     public static int ToErrno(Exception exception) => exception switch
     {
-        BlockDeviceException device => device.Error switch
-        {
-            NbdError.NotPermitted => Errno.EPERM,
-            NbdError.IO => Errno.EIO,
-            NbdError.OutOfMemory => Errno.ENOMEM,
-            NbdError.InvalidArgument => Errno.EINVAL,
-            NbdError.NoSpace => Errno.ENOSPC,
-            NbdError.Overflow => Errno.EOVERFLOW,
-            NbdError.NotSupported => Errno.EOPNOTSUPP,
-            NbdError.Shutdown => Errno.ESHUTDOWN,
-            _ => Errno.EIO,
-        },
+        BlockDeviceException device => Errno.FromNbdError(device.Error),
 
         // On Unix, .NET carries the errno of a failed system call in an IOException's HResult.
         IOException io when io.HResult is > 0 and < 4096 => io.HResult,

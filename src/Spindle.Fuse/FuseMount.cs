@@ -6,7 +6,7 @@ using Microsoft.Extensions.Logging.Abstractions;
 using Spindle.Fuse.Logging;
 using Spindle.Fuse.Native;
 using Spindle.Storage;
-using Errno = Spindle.Fuse.Native.Errno;
+using Errno = Spindle.Protocol.Errno;
 
 namespace Spindle.Fuse;
 

@@ -10,17 +10,17 @@ public sealed class FuseMountException : Exception
         : base(message, innerException) => Errno = errno;
 
     public FuseMountException()
-        : this(Native.Errno.EIO, "mount failed")
+        : this(Spindle.Protocol.Errno.EIO, "mount failed")
     {
     }
 
     public FuseMountException(string message)
-        : this(Native.Errno.EIO, message)
+        : this(Spindle.Protocol.Errno.EIO, message)
     {
     }
 
     public FuseMountException(string message, Exception innerException)
-        : this(Native.Errno.EIO, message, innerException)
+        : this(Spindle.Protocol.Errno.EIO, message, innerException)
     {
     }
 

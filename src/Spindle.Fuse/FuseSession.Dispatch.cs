@@ -1,7 +1,7 @@
 using System.Runtime.InteropServices;
 using Spindle.Fuse.Kernel;
 using Spindle.Fuse.Logging;
-using Spindle.Fuse.Native;
+using Spindle.Protocol;
 
 namespace Spindle.Fuse;
 

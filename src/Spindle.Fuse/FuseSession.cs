@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using Spindle.Fuse.Kernel;
 using Spindle.Fuse.Logging;
 using Spindle.Fuse.Native;
+using Spindle.Protocol;
 
 namespace Spindle.Fuse;
 
@@ -54,7 +55,7 @@ internal sealed partial class FuseSession
         _logger = logger;
         _maxIdle = options.MinThreads + 2;
         _isEnded = () => _ended;
-        _buffers = new RequestBufferPool(options.MaxTransfer + FuseConstants.HeaderRoom, options.MaxInFlight, options.MaxThreads);
+        _buffers = new RequestBufferPool(options.MaxTransfer + FuseConstants.HeaderRoom, options.MaxInFlight);
     }
 
     /// <summary>Completes with the negotiated parameters once the kernel's INIT is answered.</summary>

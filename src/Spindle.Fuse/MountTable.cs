@@ -1,5 +1,6 @@
 using System.Text;
 using Spindle.Fuse.Native;
+using Spindle.Protocol;
 
 namespace Spindle.Fuse;
 

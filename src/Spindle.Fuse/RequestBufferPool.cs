@@ -1,24 +1,24 @@
+using Spindle.Wire;
+
 namespace Spindle.Fuse;
 
 /// <summary>
-/// The buffers requests are read into and replies written from: fixed-size pinned arrays (one read() must take the
-/// largest WRITE whole), at most <c>capacity</c> of them outstanding, so memory stays bounded whatever the kernel
-/// sends. A request keeps its buffer until its reply is written, and the reply is built in the same buffer.
+/// The buffers requests are read into and replies written from: pinned arrays from the shared
+/// <see cref="BufferPool"/> large enough for the largest WRITE (one read() must take it whole), at most
+/// <c>capacity</c> of them outstanding, so memory stays bounded whatever the kernel sends. A request keeps its buffer
+/// until its reply is written, and the reply is built in the same buffer.
 /// </summary>
 internal sealed class RequestBufferPool : IDisposable
 {
-    private readonly Stack<byte[]> _free = new();
-    private readonly Lock _lock = new();
     private readonly SemaphoreSlim _outstanding;
-    private readonly int _retain;
 
-    public RequestBufferPool(int bufferSize, int capacity, int retain)
+    public RequestBufferPool(int bufferSize, int capacity)
     {
         BufferSize = bufferSize;
         _outstanding = new SemaphoreSlim(capacity, capacity);
-        _retain = retain;
     }
 
+    /// <summary>The least a rented buffer holds (the pool's size classes may give more).</summary>
     public int BufferSize { get; }
 
     /// <summary>
@@ -35,27 +35,12 @@ internal sealed class RequestBufferPool : IDisposable
             }
         }
 
-        lock (_lock)
-        {
-            if (_free.TryPop(out var buffer))
-            {
-                return buffer;
-            }
-        }
-
-        return GC.AllocateUninitializedArray<byte>(BufferSize, pinned: true);
+        return BufferPool.Shared.Rent(BufferSize);
     }
 
     public void Return(byte[] buffer)
     {
-        lock (_lock)
-        {
-            if (_free.Count < _retain)
-            {
-                _free.Push(buffer);
-            }
-        }
-
+        BufferPool.Shared.Return(buffer);
         _outstanding.Release();
     }
 

@@ -7,7 +7,7 @@ using Spindle.Protocol;
 using Spindle.Server.Connections;
 using Spindle.Server.Exports;
 using Spindle.Server.Logging;
-using Spindle.Server.Transport;
+using Spindle.Wire;
 
 namespace Spindle.Server;
 
@@ -102,7 +102,7 @@ public sealed class NbdServer : IAsyncDisposable
     /// Serves one already-connected transport (an accepted socket, an in-memory stream). Completes when the
     /// connection ends; never throws for anything the client does.
     /// </summary>
-    public Task ServeAsync(ConnectionTransport transport)
+    public Task ServeAsync(Transport transport)
     {
         ArgumentNullException.ThrowIfNull(transport);
         var id = Interlocked.Increment(ref _nextConnectionId);
@@ -113,7 +113,7 @@ public sealed class NbdServer : IAsyncDisposable
             return connection.DisposeAsync().AsTask();
         }
 
-        var run = transport.IsBlocking ? RunOnDedicatedThread(connection) : Task.Run(connection.RunAsync);
+        var run = transport.RunAsync(connection.RunAsync, $"nbd-connection-{id}");
         _connections[id] = (connection, run);
         _ = run.ContinueWith(static (_, state) =>
         {
@@ -121,26 +121,6 @@ public sealed class NbdServer : IAsyncDisposable
             server._connections.TryRemove(connectionId, out var _);
         }, (this, id), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         return run;
-    }
-
-    /// <summary>A connection on a blocking socket gets its own thread, so its blocking reads never hold up the pool.</summary>
-    private static Task RunOnDedicatedThread(NbdConnection connection)
-    {
-        var completion = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        // A small stack: a connection's thread only parses and dispatches, and there may be a thousand of them.
-        var thread = new Thread(
-            () =>
-            {
-                connection.RunAsync().GetAwaiter().GetResult();
-                completion.SetResult();
-            },
-            maxStackSize: 256 * 1024)
-        {
-            IsBackground = true,
-            Name = $"nbd-connection-{connection.Id}",
-        };
-        thread.Start();
-        return completion.Task;
     }
 
     private void ValidateExports()

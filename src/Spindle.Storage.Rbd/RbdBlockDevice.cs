@@ -191,7 +191,7 @@ public sealed partial class RbdBlockDevice : BlockDevice
         }
 
         var errno = -result;
-        if (errno == RbdErrors.ENOENT && spec.Snapshot is not null &&
+        if (errno == Errno.ENOENT && spec.Snapshot is not null &&
             OpenBounded(connection, spec with { Snapshot = null }, readOnly: true, options.ConnectTimeout, out var head) >= 0)
         {
             _ = LibRbd.Close(head);
@@ -200,10 +200,10 @@ public sealed partial class RbdBlockDevice : BlockDevice
 
         throw new RbdOpenException(errno switch
         {
-            RbdErrors.ENOENT => $"image {spec with { Snapshot = null }} does not exist (list the pool with: rbd ls {spec.Pool}{(spec.Namespace.Length > 0 ? "/" + spec.Namespace : "")})",
-            RbdErrors.EACCES or RbdErrors.EPERM =>
+            Errno.ENOENT => $"image {spec with { Snapshot = null }} does not exist (list the pool with: rbd ls {spec.Pool}{(spec.Namespace.Length > 0 ? "/" + spec.Namespace : "")})",
+            Errno.EACCES or Errno.EPERM =>
                 $"client.{options.ClientId} may not open {spec}{(readOnly ? "" : " for writing")}: {RbdErrors.Describe(errno)} (check the user's osd caps, e.g. 'profile rbd pool={spec.Pool}')",
-            RbdErrors.ETIMEDOUT => $"opening {spec} did not finish within {options.ConnectTimeout.TotalSeconds:0.#} s (are the OSDs up?)",
+            Errno.ETIMEDOUT => $"opening {spec} did not finish within {options.ConnectTimeout.TotalSeconds:0.#} s (are the OSDs up?)",
             _ => $"cannot open {spec}: {RbdErrors.Describe(errno)}",
         }, errno);
     }
@@ -240,7 +240,7 @@ public sealed partial class RbdBlockDevice : BlockDevice
         if (!outcome.Done.Wait(timeout))
         {
             // Abandoned: the callback still runs later and frees nothing; the slot and the handle leak.
-            return -RbdErrors.ETIMEDOUT;
+            return -Errno.ETIMEDOUT;
         }
 
         handle.Free();
@@ -359,7 +359,7 @@ public sealed partial class RbdBlockDevice : BlockDevice
 
     private BlockDeviceException Failure(string operation, long offset, int errno)
     {
-        var hint = errno == RbdErrors.EROFS && !_readOnly
+        var hint = errno == Errno.EROFS && !_readOnly
             ? " (another client holds the image's exclusive lock and refuses to release it; see docs/rbd.md)"
             : string.Empty;
         var where = operation == "flush" ? string.Empty : $" at {offset}";

@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Runtime.InteropServices;
+using Spindle.Protocol;
 using Spindle.Storage.Rbd.Native;
 
 namespace Spindle.Storage.Rbd;
@@ -62,7 +63,7 @@ internal sealed class RbdConnection : IDisposable
         {
             // The connect is still running inside librados: shutting the handle down under it could crash, so this
             // one handle is left behind (the open has failed and the caller reports it).
-            throw new RbdOpenException($"connecting to the Ceph cluster as {entity} did not finish within {options.ConnectTimeout.TotalSeconds:0.#} s", RbdErrors.ETIMEDOUT);
+            throw new RbdOpenException($"connecting to the Ceph cluster as {entity} did not finish within {options.ConnectTimeout.TotalSeconds:0.#} s", Errno.ETIMEDOUT);
         }
 
         if (connectResult < 0)
@@ -76,7 +77,7 @@ internal sealed class RbdConnection : IDisposable
         {
             LibRados.Shutdown(cluster);
             throw new RbdOpenException(
-                -result == RbdErrors.ENOENT
+                -result == Errno.ENOENT
                     ? $"pool '{options.Image.Pool}' does not exist (create it with: ceph osd pool create {options.Image.Pool} && rbd pool init {options.Image.Pool})"
                     : $"cannot open pool '{options.Image.Pool}' as {entity}: {RbdErrors.Describe(-result)}",
                 -result);
@@ -116,7 +117,7 @@ internal sealed class RbdConnection : IDisposable
     private static void Configure(nint cluster, RbdOptions options)
     {
         var result = LibRados.ConfReadFile(cluster, options.ConfigFile);
-        if (result < 0 && (options.ConfigFile is not null || -result != RbdErrors.ENOENT))
+        if (result < 0 && (options.ConfigFile is not null || -result != Errno.ENOENT))
         {
             throw new RbdOpenException($"cannot read Ceph configuration '{options.ConfigFile ?? "(default search)"}': {RbdErrors.Describe(-result)}", -result);
         }
@@ -151,7 +152,7 @@ internal sealed class RbdConnection : IDisposable
             if (result < 0)
             {
                 throw new RbdOpenException(
-                    -result == RbdErrors.ENOENT
+                    -result == Errno.ENOENT
                         ? $"'{key}' is not a Ceph option (RBD export keys are conf, id, keyring, cluster, connect_timeout, or Ceph options)"
                         : $"Ceph option {key}={value} was refused: {RbdErrors.Describe(-result)}",
                     -result);
@@ -164,11 +165,11 @@ internal sealed class RbdConnection : IDisposable
         var keyring = options.Keyring ?? "the keyring named in the Ceph configuration";
         var message = errno switch
         {
-            RbdErrors.EACCES or RbdErrors.EPERM =>
+            Errno.EACCES or Errno.EPERM =>
                 $"the cluster refused {entity}: the key in {keyring} is wrong or the user does not exist ({RbdErrors.Describe(errno)})",
-            RbdErrors.ETIMEDOUT =>
+            Errno.ETIMEDOUT =>
                 $"no Ceph monitor answered within {options.ConnectTimeout.TotalSeconds:0.#} s (check mon_host in {options.ConfigFile ?? "the Ceph configuration"} and that the monitors are up)",
-            RbdErrors.ENOENT =>
+            Errno.ENOENT =>
                 $"cannot connect as {entity}: no monitor address or no key found (give conf=/path/to/ceph.conf, or mon_host=..., and keyring=...; {RbdErrors.Describe(errno)})",
             _ => $"connecting to the Ceph cluster as {entity} failed: {RbdErrors.Describe(errno)}",
         };

@@ -30,21 +30,6 @@ public sealed class RbdOpenException : Exception
 /// <summary>librbd's negative errnos as NBD errors and readable text.</summary>
 internal static class RbdErrors
 {
-    public const int EPERM = 1;
-    public const int ENOENT = 2;
-    public const int EIO = 5;
-    public const int EACCES = 13;
-    public const int EBUSY = 16;
-    public const int EEXIST = 17;
-    public const int EINVAL = 22;
-    public const int EFBIG = 27;
-    public const int ENOSPC = 28;
-    public const int EROFS = 30;
-    public const int ERANGE = 34;
-    public const int ENOTSUP = 95;
-    public const int ESHUTDOWN = 108;
-    public const int ETIMEDOUT = 110;
-    public const int EDQUOT = 122;
 
     /// <summary>
     /// The NBD error for a failed request: ENOSPC (and EDQUOT, EFBIG: a full pool or a quota) as ENOSPC; EROFS,
@@ -54,8 +39,8 @@ internal static class RbdErrors
     /// </summary>
     public static NbdError ToNbdError(int errno) => errno switch
     {
-        ENOSPC or EDQUOT or EFBIG => NbdError.NoSpace,
-        EROFS or EPERM or EACCES => NbdError.NotPermitted,
+        Errno.ENOSPC or Errno.EDQUOT or Errno.EFBIG => NbdError.NoSpace,
+        Errno.EROFS or Errno.EPERM or Errno.EACCES => NbdError.NotPermitted,
         _ => NbdError.IO,
     };
 

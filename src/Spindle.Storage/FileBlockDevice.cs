@@ -172,7 +172,7 @@ public sealed class FileBlockDevice : BlockDevice
             return true;
         }
 
-        if (read == -LinuxFile.EOPNOTSUPP || read == -LinuxFile.EINVAL)
+        if (read == -Errno.EOPNOTSUPP || read == -Errno.EINVAL)
         {
             _nowaitUnsupported = true;
         }
@@ -219,13 +219,13 @@ public sealed class FileBlockDevice : BlockDevice
         while (done < source.Length)
         {
             var written = LinuxFile.Write(_handle, source[done..], offset + done, LinuxFile.RwfDsync);
-            if (written == -LinuxFile.EOPNOTSUPP || (written == -LinuxFile.EINVAL && done == 0))
+            if (written == -Errno.EOPNOTSUPP || (written == -Errno.EINVAL && done == 0))
             {
                 _dsyncUnsupported = true;
                 return false;
             }
 
-            if (written == -LinuxFile.EINTR)
+            if (written == -Errno.EINTR)
             {
                 continue;
             }
@@ -325,7 +325,7 @@ public sealed class FileBlockDevice : BlockDevice
             }
 
             var data = LinuxFile.Seek(_handle, position, LinuxFile.SeekData);
-            if (data == -LinuxFile.ENXIO)
+            if (data == -Errno.ENXIO)
             {
                 // No data from here to EOF. Beyond EOF (the file shrank) also reads as zeroes.
                 extents.Add(end - position, AllocationFlags.Hole | AllocationFlags.Zero);
@@ -454,15 +454,15 @@ public sealed class FileBlockDevice : BlockDevice
     }
 
     private static bool IsUnsupported(int errno) =>
-        errno is LinuxFile.EOPNOTSUPP or LinuxFile.ENOSYS or LinuxFile.ENODEV || (errno == LinuxFile.EINVAL);
+        errno is Errno.EOPNOTSUPP or Errno.ENOSYS or Errno.ENODEV || (errno == Errno.EINVAL);
 
     private BlockDeviceException Failure(int errno, string operation, long offset) =>
-        new(LinuxFile.ToNbdError(errno), $"{operation} at {offset} on {Description} failed: {System.Runtime.InteropServices.Marshal.GetPInvokeErrorMessage(errno)}");
+        new(Errno.ToNbdError(errno), $"{operation} at {offset} on {Description} failed: {System.Runtime.InteropServices.Marshal.GetPInvokeErrorMessage(errno)}");
 
     private BlockDeviceException Failure(Exception exception, string operation, long offset)
     {
         // On Unix an IOException's HResult carries the errno.
-        var error = exception is UnauthorizedAccessException ? NbdError.NotPermitted : LinuxFile.ToNbdError(exception.HResult);
+        var error = exception is UnauthorizedAccessException ? NbdError.NotPermitted : Errno.ToNbdError(exception.HResult);
         return new BlockDeviceException(error, $"{operation} at {offset} on {Description} failed: {exception.Message}", exception);
     }
 }

@@ -1,5 +1,5 @@
 using Spindle.Cli.Commands;
-using Spindle.Server.Configuration;
+using Spindle.Cli.Hosting;
 using Spindle.Storage.Rbd;
 using Xunit;
 

@@ -1,5 +1,5 @@
+using Spindle.Cli.Hosting;
 using Spindle.Protocol;
-using Spindle.Server.Configuration;
 using Spindle.Server.Exports;
 using Spindle.Server.Security;
 using Spindle.Storage;

@@ -1,6 +1,6 @@
 using System.Net;
+using Spindle.Cli.Hosting;
 using Spindle.Protocol;
-using Spindle.Server.Configuration;
 using Spindle.Testing;
 using Xunit;
 

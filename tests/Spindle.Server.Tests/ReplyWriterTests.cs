@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Net;
 using Spindle.Server.Connections;
-using Spindle.Server.Transport;
+using Spindle.Wire;
 using Xunit;
 
 namespace Spindle.Server.Tests;
@@ -154,7 +154,7 @@ public sealed class ReplyWriterTests
     }
 
     /// <summary>A transport whose sends complete synchronously, so a drain never leaves the calling thread.</summary>
-    private sealed class InstantTransport : ConnectionTransport
+    private sealed class InstantTransport : Transport
     {
         public override string RemoteDescription => "test";
 
@@ -171,5 +171,7 @@ public sealed class ReplyWriterTests
         }
 
         public override ValueTask DisposeAsync() => ValueTask.CompletedTask;
+
+        protected override Stream OpenStream() => Stream.Null;
     }
 }

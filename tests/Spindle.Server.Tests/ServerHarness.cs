@@ -1,8 +1,8 @@
 using Spindle.Protocol;
 using Spindle.Server.Exports;
-using Spindle.Server.Transport;
 using Spindle.Storage;
 using Spindle.Testing;
+using Spindle.Wire;
 
 namespace Spindle.Server.Tests;
 

@@ -3,8 +3,8 @@ using System.Net.Sockets;
 using System.Threading.Channels;
 using Microsoft.Extensions.Logging;
 using Spindle.Client.Negotiation;
-using Spindle.Client.Transport;
 using Spindle.Protocol;
+using Spindle.Wire;
 
 namespace Spindle.Client.Connection;
 
@@ -20,7 +20,7 @@ namespace Spindle.Client.Connection;
 /// </remarks>
 internal sealed partial class NbdConnection : IAsyncDisposable
 {
-    private readonly NbdTransport _transport;
+    private readonly Transport _transport;
     private readonly ReceiveBuffer _receive;
     private readonly ILogger _logger;
     private readonly NbdClientOptions _options;
@@ -47,7 +47,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private TaskCompletionSource? _drained;
     private int _disposed;
 
-    private NbdConnection(int id, NbdTransport transport, ReceiveBuffer receive, ExportInfo export, NbdClientOptions options, ILogger logger)
+    private NbdConnection(int id, Transport transport, ReceiveBuffer receive, ExportInfo export, NbdClientOptions options, ILogger logger)
     {
         Id = id;
         _transport = transport;
@@ -88,7 +88,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
     public ExportInfo Export { get; }
 
-    public string Server => _transport.Description;
+    public string Server => _transport.RemoteDescription;
 
     /// <summary>Requests submitted and not yet answered.</summary>
     public int InFlight => Volatile.Read(ref _inFlight);
@@ -129,14 +129,14 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         // Certificate files are read before the network is touched, so their problems are reported as such.
         var tls = uri.RequiresTls ? ClientTls.Resolve(uri, options.Tls) : null;
         var transport = await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
-        var receive = new ReceiveBuffer(transport);
+        var receive = new ReceiveBuffer(transport, ReceiveBufferOptions.Client);
         var negotiator = new ClientNegotiator(transport, receive, logger);
         try
         {
             var export = await HandshakeAsync(negotiator, options.HandshakeTimeout,
                 (negotiator, token) => NegotiateAsync(negotiator, uri.ExportName, options, tls, token), cancellationToken).ConfigureAwait(false);
             var connection = new NbdConnection(id, negotiator.Transport, receive, export, options, logger);
-            ClientLog.Negotiated(logger, id, transport.Description, uri.ExportName, export.Size, export.Flags, export.Method,
+            ClientLog.Negotiated(logger, id, transport.RemoteDescription, uri.ExportName, export.Size, export.Flags, export.Method,
                 export.StructuredReplies, export.MetaContexts.Count == 0 ? "none" : string.Join(", ", export.MetaContexts.Keys));
             connection.Start();
             return connection;
@@ -162,7 +162,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             deadline.CancelAfter(timeout);
         }
 
-        var server = negotiator.Transport.Description;
+        var server = negotiator.Transport.RemoteDescription;
         try
         {
             return await negotiate(negotiator, deadline.Token).ConfigureAwait(false);

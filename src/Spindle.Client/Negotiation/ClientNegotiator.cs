@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using Microsoft.Extensions.Logging;
-using Spindle.Client.Transport;
 using Spindle.Protocol;
+using Spindle.Wire;
 
 namespace Spindle.Client.Negotiation;
 
@@ -16,16 +16,16 @@ internal sealed class ClientNegotiator
     private const int MaxReplyLength = 1024 * 1024;
 
     private readonly ReceiveBuffer _receive;
-    private NbdTransport _transport;
+    private Transport _transport;
     private readonly ILogger _logger;
     private readonly string _server;
 
-    public ClientNegotiator(NbdTransport transport, ReceiveBuffer receive, ILogger logger)
+    public ClientNegotiator(Transport transport, ReceiveBuffer receive, ILogger logger)
     {
         _transport = transport;
         _receive = receive;
         _logger = logger;
-        _server = transport.Description;
+        _server = transport.RemoteDescription;
     }
 
     public HandshakeFlags ServerFlags { get; private set; }
@@ -38,7 +38,7 @@ internal sealed class ClientNegotiator
     public bool StructuredReplies { get; private set; }
 
     /// <summary>The transport options go over now: the socket, or TLS after <see cref="StartTlsAsync"/>.</summary>
-    public NbdTransport Transport => _transport;
+    public Transport Transport => _transport;
 
     /// <summary>True once NBD_OPT_STARTTLS succeeded and everything goes over TLS.</summary>
     public bool IsTls { get; private set; }

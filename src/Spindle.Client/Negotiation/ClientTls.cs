@@ -3,7 +3,7 @@ using System.Security.Authentication;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
 using System.Text;
-using Spindle.Client.Transport;
+using Spindle.Wire;
 
 namespace Spindle.Client.Negotiation;
 
@@ -93,10 +93,9 @@ internal sealed class ClientTls
     /// returned transport owns it.
     /// </summary>
     /// <exception cref="NbdTlsException">The handshake failed or the server's certificate was rejected.</exception>
-    public async Task<TlsTransport> HandshakeAsync(NbdTransport plain, CancellationToken cancellationToken)
+    public async Task<TlsTransport> HandshakeAsync(Transport plain, CancellationToken cancellationToken)
     {
         string? rejection = null;
-        var tls = new SslStream(plain.AsStream(), leaveInnerStreamOpen: false);
         var options = new SslClientAuthenticationOptions
         {
             TargetHost = Hostname,
@@ -127,24 +126,17 @@ internal sealed class ClientTls
 
         try
         {
-            await tls.AuthenticateAsClientAsync(options, cancellationToken).ConfigureAwait(false);
-            return new TlsTransport(plain, tls);
+            return await TlsTransport.AuthenticateAsClientAsync(plain, options, cancellationToken).ConfigureAwait(false);
         }
         catch (Exception exception) when (exception is AuthenticationException or IOException)
         {
-            await tls.DisposeAsync().ConfigureAwait(false);
             if (rejection is not null)
             {
-                throw new NbdTlsException($"{plain.Description}: the server's certificate was rejected: {rejection}", exception);
+                throw new NbdTlsException($"{plain.RemoteDescription}: the server's certificate was rejected: {rejection}", exception);
             }
 
             var hint = ClientCertificate is null ? " (if the server verifies clients, give a client certificate: DIR/client-cert.pem and DIR/client-key.pem)" : string.Empty;
-            throw new NbdTlsException($"TLS handshake with {plain.Description} failed: {exception.Message}{hint}", exception);
-        }
-        catch
-        {
-            await tls.DisposeAsync().ConfigureAwait(false);
-            throw;
+            throw new NbdTlsException($"TLS handshake with {plain.RemoteDescription} failed: {exception.Message}{hint}", exception);
         }
     }
 

@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using Spindle.Fuse.Native;
+using Spindle.Protocol;
 
 namespace Spindle.Fuse.Devices;
 

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using Spindle.Fuse.Native;
+using Spindle.Protocol;
 
 namespace Spindle.Fuse.Devices;
 
@@ -18,17 +19,17 @@ public sealed class LoopDeviceException : Exception
         : base(message) => Errno = errno;
 
     public LoopDeviceException()
-        : this(Native.Errno.EIO, "loop device operation failed")
+        : this(Spindle.Protocol.Errno.EIO, "loop device operation failed")
     {
     }
 
     public LoopDeviceException(string message)
-        : this(Native.Errno.EIO, message)
+        : this(Spindle.Protocol.Errno.EIO, message)
     {
     }
 
     public LoopDeviceException(string message, Exception innerException)
-        : base(message, innerException) => Errno = Native.Errno.EIO;
+        : base(message, innerException) => Errno = Spindle.Protocol.Errno.EIO;
 
     public int Errno { get; }
 }

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using Spindle.Protocol;
 
 namespace Spindle.Fuse.Native;
 

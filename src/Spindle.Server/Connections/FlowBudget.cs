@@ -40,21 +40,12 @@ internal sealed class FlowBudget : IDisposable
         }
     }
 
-    /// <summary>Takes room, blocking the calling thread until there is some (blocking transports).</summary>
-    public void Acquire(long bytes, CancellationToken cancellationToken)
-    {
-        while (!TryAcquireOrArm(bytes))
-        {
-            // A shortage of the shared budget is not signalled to each connection: look again every few milliseconds.
-            _released.Wait(_sharedShortage ? 5 : Timeout.Infinite, cancellationToken);
-        }
-    }
-
-    /// <summary>Takes room, waiting asynchronously until there is some.</summary>
+    /// <summary>Takes room, waiting until there is some (the reader waits through its transport's ReaderWaitAsync).</summary>
     public async ValueTask AcquireAsync(long bytes, CancellationToken cancellationToken)
     {
         while (!TryAcquireOrArm(bytes))
         {
+            // A shortage of the shared budget is not signalled to each connection: look again every few milliseconds.
             await _released.WaitAsync(_sharedShortage ? 5 : Timeout.Infinite, cancellationToken).ConfigureAwait(false);
         }
     }
@@ -74,8 +65,8 @@ internal sealed class FlowBudget : IDisposable
         }
     }
 
-    /// <summary>Waits until no request is in flight (blocking the caller if <paramref name="block"/>).</summary>
-    public async ValueTask WaitForIdleAsync(bool block, CancellationToken cancellationToken)
+    /// <summary>Waits until no request is in flight.</summary>
+    public async ValueTask WaitForIdleAsync(CancellationToken cancellationToken)
     {
         while (true)
         {
@@ -89,14 +80,7 @@ internal sealed class FlowBudget : IDisposable
                 _waiting = true;
             }
 
-            if (block)
-            {
-                _released.Wait(cancellationToken);
-            }
-            else
-            {
-                await _released.WaitAsync(cancellationToken).ConfigureAwait(false);
-            }
+            await _released.WaitAsync(cancellationToken).ConfigureAwait(false);
         }
     }
 

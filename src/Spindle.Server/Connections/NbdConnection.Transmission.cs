@@ -1,7 +1,7 @@
 using Spindle.Protocol;
 using Spindle.Server.Logging;
-using Spindle.Server.Transport;
 using Spindle.Storage;
+using Spindle.Wire;
 
 namespace Spindle.Server.Connections;
 
@@ -26,8 +26,6 @@ internal sealed partial class NbdConnection
 
     private readonly Stack<TransmissionRequest> _freeRequests = new();
     private readonly Lock _freeLock = new();
-    private TransmissionFlags _flags;
-    private bool _blockStatus;
     private FlowBudget? _budget;
     private ReplyWriter? _writer;
     private CancellationTokenSource? _stopReading;
@@ -37,25 +35,23 @@ internal sealed partial class NbdConnection
     private async Task<string> RunTransmissionAsync()
     {
         var export = _export!;
-        var blocking = _transport.IsBlocking;
         _budget = new FlowBudget(_options.MaxRequestsInFlight, _options.MaxBytesInFlight, _server.SharedBudget);
         Touch();
         _writer = new ReplyWriter(_transport, ReleaseRequest, OnWriterFault);
 
         // The handshake's final reply (EXPORT_NAME's) may still be buffered.
-        await FlushOutputAsync(_abort.Token).ConfigureAwait(false);
+        await _negotiator.FlushAsync(_abort.Token).ConfigureAwait(false);
 
         // When the server stops, the reader goes on answering new requests with ESHUTDOWN (a client then disconnects
-        // itself) until those in flight are done; then it stops reading. A blocking receive does not see tokens, so it
-        // is woken by shutting the socket's receive side instead.
+        // itself) until those in flight are done; then it stops reading: its receive is woken with end of stream.
         using var reading = CancellationTokenSource.CreateLinkedTokenSource(_abort.Token);
         _stopReading = reading;
-        using var wake = blocking ? reading.Token.UnsafeRegister(static state => ((ConnectionTransport)state!).CancelReceive(), _transport) : default;
+        using var wake = reading.Token.UnsafeRegister(static state => ((Transport)state!).CancelReceive(), _transport);
         using var onStop = _server.StoppingToken.UnsafeRegister(static state => _ = ((NbdConnection)state!).StopReadingWhenIdleAsync(), this);
         string reason;
         try
         {
-            reason = await ReadRequestsAsync(export.Device, blocking, reading.Token).ConfigureAwait(false);
+            reason = await ReadRequestsAsync(export.Device, reading.Token).ConfigureAwait(false);
         }
         catch (Exception exception) when (IsDisconnect(exception))
         {
@@ -76,7 +72,7 @@ internal sealed partial class NbdConnection
         }
 
         // Everything already dispatched finishes and is answered (or dropped if the peer is gone) before closing.
-        await _budget.WaitForIdleAsync(blocking, _server.AbortToken).ConfigureAwait(false);
+        await _transport.ReaderWaitAsync(_budget.WaitForIdleAsync(_server.AbortToken)).ConfigureAwait(false);
         if (!_writer.IsFaulted)
         {
             await _transport.ShutdownSendAsync().ConfigureAwait(false);
@@ -90,7 +86,7 @@ internal sealed partial class NbdConnection
     /// The reader: parses every request already received, runs those the backend can do at once on this thread and
     /// hands the rest to the pool, and sends the burst's replies together before it waits for more.
     /// </summary>
-    private async Task<string> ReadRequestsAsync(BlockDevice device, bool blocking, CancellationToken cancellationToken)
+    private async Task<string> ReadRequestsAsync(BlockDevice device, CancellationToken cancellationToken)
     {
         var input = _input;
         var writer = _writer!;
@@ -105,7 +101,7 @@ internal sealed partial class NbdConnection
                 writer.Release();
                 heldReplies = 0;
                 heldBytes = 0;
-                if (!await input.EnsureAsync(NbdLimits.RequestHeaderLength, cancellationToken).ConfigureAwait(false))
+                if (!await input.TryEnsureAsync(NbdLimits.RequestHeaderLength, cancellationToken).ConfigureAwait(false))
                 {
                     return "peer closed";
                 }
@@ -140,7 +136,7 @@ internal sealed partial class NbdConnection
 
                     // The refused WRITE's data is still read, so the next header is where it should be.
                     writer.Release();
-                    await input.DiscardAsync(request.Length, cancellationToken).ConfigureAwait(false);
+                    await input.DiscardAsync(request.Length, "a refused request's payload", cancellationToken).ConfigureAwait(false);
                 }
 
                 if (error != NbdError.Shutdown)
@@ -148,16 +144,16 @@ internal sealed partial class NbdConnection
                     ServerLog.RequestRefused(_logger, Id, Peer, request, error.ToErrnoName(), reason!);
                 }
 
-                await AcquireAsync(budget, 0, blocking, cancellationToken).ConfigureAwait(false);
+                await AcquireAsync(budget, 0, cancellationToken).ConfigureAwait(false);
                 var refused = RentRequest(request);
                 refused.Fail(error, error == NbdError.Shutdown ? "the server is shutting down" : reason, fromBackend: false);
-                refused.BuildError(_structuredReplies);
+                refused.BuildError(_negotiator.StructuredReplies);
                 writer.Enqueue(refused);
                 continue;
             }
 
             var payloadBytes = request.Command is NbdCommand.Read or NbdCommand.Write ? (int)request.Length : 0;
-            await AcquireAsync(budget, payloadBytes, blocking, cancellationToken).ConfigureAwait(false);
+            await AcquireAsync(budget, payloadBytes, cancellationToken).ConfigureAwait(false);
             var work = RentRequest(request);
             work.BudgetBytes = payloadBytes;
             work.RentPayload(payloadBytes);
@@ -170,7 +166,7 @@ internal sealed partial class NbdConnection
                         writer.Release();
                     }
 
-                    await input.ReadExactlyAsync(work.PayloadMemory, cancellationToken).ConfigureAwait(false);
+                    await input.ReadExactlyAsync(work.PayloadMemory, "a write's payload", cancellationToken).ConfigureAwait(false);
                 }
                 catch
                 {
@@ -255,7 +251,7 @@ internal sealed partial class NbdConnection
     }
 
     /// <summary>Takes budget for a request; if it must wait, the held replies go out first (they are what frees it).</summary>
-    private ValueTask AcquireAsync(FlowBudget budget, long bytes, bool blocking, CancellationToken cancellationToken)
+    private ValueTask AcquireAsync(FlowBudget budget, long bytes, CancellationToken cancellationToken)
     {
         if (budget.TryAcquire(bytes))
         {
@@ -263,13 +259,7 @@ internal sealed partial class NbdConnection
         }
 
         _writer!.Release();
-        if (blocking)
-        {
-            budget.Acquire(bytes, cancellationToken);
-            return ValueTask.CompletedTask;
-        }
-
-        return budget.AcquireAsync(bytes, cancellationToken);
+        return _transport.ReaderWaitAsync(budget.AcquireAsync(bytes, cancellationToken));
     }
 
     /// <summary>
@@ -317,15 +307,16 @@ internal sealed partial class NbdConnection
             return NbdError.InvalidArgument;
         }
 
-        var allowed = (_flags & TransmissionFlags.SendFua) != 0 ? CommandFlags.Fua : CommandFlags.None;
+        var flags = _negotiator.Flags;
+        var allowed = (flags & TransmissionFlags.SendFua) != 0 ? CommandFlags.Fua : CommandFlags.None;
         switch (command)
         {
-            case NbdCommand.Read when (_flags & TransmissionFlags.SendDf) != 0:
+            case NbdCommand.Read when (flags & TransmissionFlags.SendDf) != 0:
                 allowed |= CommandFlags.DontFragment;
                 break;
             case NbdCommand.WriteZeroes:
                 allowed |= CommandFlags.NoHole;
-                if ((_flags & TransmissionFlags.SendFastZero) != 0)
+                if ((flags & TransmissionFlags.SendFastZero) != 0)
                 {
                     allowed |= CommandFlags.FastZero;
                 }
@@ -357,13 +348,13 @@ internal sealed partial class NbdConnection
             NbdCommand.Cache => TransmissionFlags.SendCache,
             _ => TransmissionFlags.None,
         };
-        if ((_flags & advertised) != advertised)
+        if ((flags & advertised) != advertised)
         {
             reason = $"{command} was not advertised for this export";
             return NbdError.InvalidArgument;
         }
 
-        if (command == NbdCommand.BlockStatus && !_blockStatus)
+        if (command == NbdCommand.BlockStatus && _negotiator.Contexts.Count == 0)
         {
             reason = "no metadata context was negotiated for this export";
             return NbdError.InvalidArgument;
@@ -465,17 +456,7 @@ internal sealed partial class NbdConnection
             case NbdCommand.Cache:
                 return request.Length == 0 ? ValueTask.CompletedTask : device.CacheAsync(offset, request.Length, token);
             case NbdCommand.BlockStatus:
-                var requestOne = (request.Flags & CommandFlags.RequestOne) != 0;
-                var extents = work.Extents ??= new ExtentList(Math.Min(_options.MaxExtentsPerReply, 64));
-                extents.Clear(requestOne ? 1 : _options.MaxExtentsPerReply);
-                if ((device.Features & BlockDeviceFeatures.Extents) == 0)
-                {
-                    // Status 0 ("allocated or unknown") is always a correct answer.
-                    extents.Add(request.Length, AllocationFlags.Data);
-                    return ValueTask.CompletedTask;
-                }
-
-                return device.GetExtentsAsync(offset, request.Length, extents, token);
+                return CollectStatusAsync(work, device, token);
             default:
                 throw new BlockDeviceException(NbdError.InvalidArgument, $"unknown command {request.Command}");
         }
@@ -499,9 +480,9 @@ internal sealed partial class NbdConnection
     private void Complete(TransmissionRequest work, Exception? failure)
     {
         var request = work.Header;
-        if (failure is null && request.Command == NbdCommand.BlockStatus && work.Extents!.Count == 0)
+        if (failure is null && request.Command == NbdCommand.BlockStatus)
         {
-            failure = new BlockDeviceException(NbdError.IO, "the backend reported no extents");
+            failure = CheckStatus(work);
         }
 
         if (failure is not null)
@@ -509,17 +490,17 @@ internal sealed partial class NbdConnection
             var (error, message) = Classify(failure);
             ServerLog.RequestFailed(_logger, Id, Peer, request, error.ToErrnoName(), message);
             work.Fail(error, message, fromBackend: true);
-            work.BuildError(_structuredReplies);
+            work.BuildError(_negotiator.StructuredReplies);
         }
         else
         {
             switch (request.Command)
             {
                 case NbdCommand.Read:
-                    work.BuildReadSuccess(_structuredReplies, (request.Flags & CommandFlags.DontFragment) != 0);
+                    work.BuildReadSuccess(_negotiator.StructuredReplies, (request.Flags & CommandFlags.DontFragment) != 0);
                     break;
                 case NbdCommand.BlockStatus:
-                    work.BuildBlockStatus(AllocationContextId, (request.Flags & CommandFlags.RequestOne) != 0);
+                    work.BuildBlockStatus(_negotiator.Contexts, (request.Flags & CommandFlags.RequestOne) != 0);
                     break;
                 default:
                     work.BuildSimpleSuccess();

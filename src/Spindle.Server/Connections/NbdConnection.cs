@@ -1,14 +1,14 @@
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
-using Spindle.Protocol;
 using Spindle.Server.Exports;
 using Spindle.Server.Logging;
-using Spindle.Server.Transport;
+using Spindle.Server.Negotiation;
+using Spindle.Wire;
 
 namespace Spindle.Server.Connections;
 
 /// <summary>
-/// One client connection: the handshake (NbdConnection.Negotiation.cs), then the transmission phase
+/// One client connection: the handshake (<see cref="ServerNegotiator"/>), then the transmission phase
 /// (NbdConnection.Transmission.cs) until the client disconnects or the server stops.
 /// </summary>
 internal sealed partial class NbdConnection : IAsyncDisposable
@@ -17,18 +17,21 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private readonly ServerOptions _options;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _abort = new();
-    private ConnectionTransport _transport;
     private readonly ReceiveBuffer _input;
+    private readonly ServerNegotiator _negotiator;
+    private Transport _transport;
+    private Export? _export;
 
-    public NbdConnection(NbdServer server, ConnectionTransport transport, long id)
+    public NbdConnection(NbdServer server, Transport transport, long id)
     {
         _server = server;
         _options = server.Options;
         _logger = server.Logger;
         _transport = transport;
-        _input = new ReceiveBuffer(transport);
+        _input = new ReceiveBuffer(transport, ReceiveBufferOptions.Server);
         Id = id;
         Peer = transport.RemoteDescription;
+        _negotiator = new ServerNegotiator(server, transport, _input, id, Peer);
     }
 
     public long Id { get; }
@@ -48,9 +51,12 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         try
         {
             ServerLog.Connected(_logger, Id, Peer);
-            var outcome = await NegotiateWithTimeoutAsync().ConfigureAwait(false);
+            var outcome = await _negotiator.RunAsync(_abort.Token).ConfigureAwait(false);
+            _transport = _negotiator.Transport;
             if (outcome == NegotiationOutcome.Transmission)
             {
+                _export = _negotiator.Export;
+                InTransmission = true;
                 reason = await RunTransmissionAsync().ConfigureAwait(false);
             }
             else
@@ -86,7 +92,8 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         {
         }
 
-        _transport.Abort();
+        // After STARTTLS the negotiator's transport is TLS over the same socket; aborting it reaches the socket.
+        _negotiator.Transport.Abort();
     }
 
     public async ValueTask DisposeAsync()
@@ -97,15 +104,9 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             InTransmission = false;
         }
 
-        foreach (var (export, directory) in _dynamic)
-        {
-            directory.Release(export);
-        }
-
-        _dynamic.Clear();
-
+        _negotiator.Dispose();
         _input.Dispose();
-        await _transport.DisposeAsync().ConfigureAwait(false);
+        await _negotiator.Transport.DisposeAsync().ConfigureAwait(false);
         _abort.Dispose();
     }
 
@@ -120,21 +121,4 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         IOException { InnerException: { } inner } => IsDisconnect(inner),
         _ => false,
     };
-
-    private static string Describe(NbdOption option) =>
-        Enum.IsDefined(option) ? "NBD_OPT_" + option switch
-        {
-            NbdOption.ExportName => "EXPORT_NAME",
-            NbdOption.Abort => "ABORT",
-            NbdOption.List => "LIST",
-            NbdOption.PeekExport => "PEEK_EXPORT",
-            NbdOption.StartTls => "STARTTLS",
-            NbdOption.Info => "INFO",
-            NbdOption.Go => "GO",
-            NbdOption.StructuredReply => "STRUCTURED_REPLY",
-            NbdOption.ListMetaContext => "LIST_META_CONTEXT",
-            NbdOption.SetMetaContext => "SET_META_CONTEXT",
-            NbdOption.ExtendedHeaders => "EXTENDED_HEADERS",
-            _ => option.ToString(),
-        } : $"option {(uint)option}";
 }

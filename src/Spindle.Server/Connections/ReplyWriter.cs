@@ -1,6 +1,6 @@
 using System.Collections.Concurrent;
 using System.Runtime.CompilerServices;
-using Spindle.Server.Transport;
+using Spindle.Wire;
 
 namespace Spindle.Server.Connections;
 
@@ -11,11 +11,12 @@ namespace Spindle.Server.Connections;
 /// complete together leave in one system call.
 /// </summary>
 /// <remarks>
-/// On a blocking socket the sender first tries a non-blocking sendmsg. If the socket is full (a client reading
-/// slowly, or one that sends without reading) the rest of the batch moves to a pool thread that may block, so the
-/// connection's reader never stops reading because of a slow reader at the other end.
+/// A send that cannot finish at once (a client reading slowly, or one that sends without reading) completes later
+/// on its own: a blocking socket hands the rest of the batch to a pool thread, an asynchronous one to the socket
+/// engine. The sender role moves with it, so the connection's reader never stops reading because of a slow reader
+/// at the other end.
 /// </remarks>
-internal sealed class ReplyWriter : IThreadPoolWorkItem
+internal sealed class ReplyWriter
 {
     private const int MaxSegmentsPerSend = 512;
     private const long MaxBytesPerSend = 4L * 1024 * 1024;
@@ -23,20 +24,17 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
     private readonly ConcurrentQueue<TransmissionRequest> _queue = new();
     private readonly List<ArraySegment<byte>> _segments = new(MaxSegmentsPerSend + 8);
     private readonly List<TransmissionRequest> _batch = new(64);
-    private readonly ConnectionTransport _transport;
-    private readonly SocketTransport? _direct;
+    private readonly Transport _transport;
     private readonly Action<TransmissionRequest> _release;
     private readonly Action<Exception> _onFault;
     private long _batchBytes;
-    private long _batchSent;
     private int _sending;
     private int _held;
     private volatile bool _faulted;
 
-    public ReplyWriter(ConnectionTransport transport, Action<TransmissionRequest> release, Action<Exception> onFault)
+    public ReplyWriter(Transport transport, Action<TransmissionRequest> release, Action<Exception> onFault)
     {
         _transport = transport;
-        _direct = transport as SocketTransport is { IsBlocking: true } socket ? socket : null;
         _release = release;
         _onFault = onFault;
     }
@@ -73,22 +71,6 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
         }
     }
 
-    /// <summary>Pool entry point: finish a batch the socket could not take at once, blocking, then keep draining.</summary>
-    void IThreadPoolWorkItem.Execute()
-    {
-        try
-        {
-            _direct!.SendAll(_segments, _batchSent, _batchBytes);
-        }
-        catch (Exception exception)
-        {
-            Fault(exception);
-        }
-
-        CompleteBatch();
-        DrainDirect(mayBlock: true);
-    }
-
     private void TryStartSending()
     {
         if (Interlocked.CompareExchange(ref _sending, 1, 0) != 0)
@@ -96,58 +78,7 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
             return;
         }
 
-        if (_direct is not null)
-        {
-            DrainDirect(mayBlock: false);
-        }
-        else
-        {
-            _ = DrainAsync();
-        }
-    }
-
-    /// <summary>Blocking-socket drain: sendmsg, first without waiting; when that cannot finish, hand over to the pool.</summary>
-    private void DrainDirect(bool mayBlock)
-    {
-        while (true)
-        {
-            if (CollectBatch())
-            {
-                if (!_faulted)
-                {
-                    try
-                    {
-                        if (mayBlock)
-                        {
-                            _direct!.SendAll(_segments, 0, _batchBytes);
-                        }
-                        else
-                        {
-                            _batchSent = _direct!.TrySend(_segments, 0);
-                            if (_batchSent < _batchBytes)
-                            {
-                                // The socket is full: a pool thread finishes this batch (and whatever follows) so
-                                // this thread, often the connection's reader, carries on. _sending stays set.
-                                ThreadPool.UnsafeQueueUserWorkItem(this, preferLocal: false);
-                                return;
-                            }
-                        }
-                    }
-                    catch (Exception exception)
-                    {
-                        Fault(exception);
-                    }
-                }
-
-                CompleteBatch();
-                continue;
-            }
-
-            if (FinishSending())
-            {
-                return;
-            }
-        }
+        _ = DrainAsync();
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -161,7 +92,12 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
                 {
                     try
                     {
-                        await _transport.SendAsync(_segments, CancellationToken.None).ConfigureAwait(false);
+                        // Usually complete at once (the socket took it all): then this loop runs on without awaiting.
+                        var send = _transport.SendAsync(_segments, CancellationToken.None);
+                        if (!send.IsCompletedSuccessfully)
+                        {
+                            await send.ConfigureAwait(false);
+                        }
                     }
                     catch (Exception exception)
                     {
@@ -184,7 +120,6 @@ internal sealed class ReplyWriter : IThreadPoolWorkItem
     private bool CollectBatch()
     {
         _batchBytes = 0;
-        _batchSent = 0;
         while (_segments.Count < MaxSegmentsPerSend && _batchBytes < MaxBytesPerSend && _queue.TryDequeue(out var request))
         {
             if (_faulted)

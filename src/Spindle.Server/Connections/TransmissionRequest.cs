@@ -1,7 +1,8 @@
 using System.Buffers.Binary;
 using Spindle.Protocol;
-using Spindle.Server.Buffers;
+using Spindle.Server.Negotiation;
 using Spindle.Storage;
+using Spindle.Wire;
 
 namespace Spindle.Server.Connections;
 
@@ -41,8 +42,25 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
     /// <summary>Set for errors raised by the backend (reported with ERROR_OFFSET) rather than by validation.</summary>
     public bool IsBackendError { get; private set; }
 
-    /// <summary>Lazily created extent list for BLOCK_STATUS, kept across reuse.</summary>
-    public ExtentList? Extents { get; set; }
+    private ExtentList[] _statusLists = [];
+
+    /// <summary>BLOCK_STATUS: one status list per selected context, created on first use and kept across reuse.</summary>
+    public ExtentList[] StatusLists(int count, int initialCapacity)
+    {
+        if (_statusLists.Length < count)
+        {
+            var grown = new ExtentList[count];
+            _statusLists.CopyTo(grown, 0);
+            for (var i = _statusLists.Length; i < count; i++)
+            {
+                grown[i] = new ExtentList(Math.Max(1, initialCapacity));
+            }
+
+            _statusLists = grown;
+        }
+
+        return _statusLists;
+    }
 
     public Memory<byte> PayloadMemory => Payload.AsMemory(0, PayloadLength);
 
@@ -186,29 +204,44 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
         }
     }
 
-    /// <summary>A BLOCK_STATUS chunk for one context, from the collected extents, clipped to the request.</summary>
-    public void BuildBlockStatus(uint contextId, bool requestOne)
+    /// <summary>
+    /// One BLOCK_STATUS chunk per selected context, from the collected status lists, clipped to the request; the
+    /// last chunk carries DONE.
+    /// </summary>
+    public void BuildBlockStatus(IReadOnlyList<SelectedContext> contexts, bool requestOne)
     {
         ResetReply();
-        var extents = Extents!.Items;
-        var count = requestOne ? 1 : extents.Length;
-        EnsureReplyCapacity(StructuredReplyChunks.BlockStatusLength(count));
-        var remaining = (long)Header.Length;
-        var used = 0;
-        var position = StructuredReplyChunks.BlockStatusLength(0);
-        for (var i = 0; i < count && remaining > 0; i++)
+        var total = 0;
+        for (var c = 0; c < contexts.Count; c++)
         {
-            // Extents never describe more than was asked: the last one is clipped to the request's end.
-            var extentLength = Math.Min(extents[i].Length, remaining);
-            BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position), (uint)extentLength);
-            BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position + 4), (uint)extents[i].Flags);
-            position += 8;
-            remaining -= extentLength;
-            used++;
+            total += StructuredReplyChunks.BlockStatusLength(requestOne ? 1 : _statusLists[c].Count);
         }
 
-        StructuredReplyChunks.WriteBlockStatusHeader(_reply, ReplyFlags.Done, Header.Cookie, contextId, used);
-        AddReplySegment(0, position);
+        EnsureReplyCapacity(total);
+        var start = 0;
+        for (var c = 0; c < contexts.Count; c++)
+        {
+            var extents = _statusLists[c].Items;
+            var count = requestOne ? 1 : extents.Length;
+            var remaining = (long)Header.Length;
+            var used = 0;
+            var position = start + StructuredReplyChunks.BlockStatusLength(0);
+            for (var i = 0; i < count && remaining > 0; i++)
+            {
+                // Extents never describe more than was asked: the last one is clipped to the request's end.
+                var extentLength = Math.Min(extents[i].Length, remaining);
+                BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position), (uint)extentLength);
+                BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position + 4), extents[i].Status);
+                position += 8;
+                remaining -= extentLength;
+                used++;
+            }
+
+            var flags = c == contexts.Count - 1 ? ReplyFlags.Done : ReplyFlags.None;
+            StructuredReplyChunks.WriteBlockStatusHeader(_reply.AsSpan(start), flags, Header.Cookie, contexts[c].Id, used);
+            AddReplySegment(start, position - start);
+            start = position;
+        }
     }
 
     /// <summary>Returns pooled buffers and clears the request for reuse.</summary>

@@ -20,10 +20,6 @@ internal static unsafe partial class ConfinedOpen
     private const ulong ResolveNoMagicLinks = 0x02;
     private const ulong ResolveBeneath = 0x08;
 
-    public const int ENOENT = 2;
-    public const int EXDEV = 18;
-    public const int ELOOP = 40;
-    public const int ENOSYS = 38;
 
     [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int Open(string path, int flags);

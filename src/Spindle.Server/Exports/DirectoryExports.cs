@@ -1,4 +1,5 @@
 using System.Text;
+using Spindle.Protocol;
 using Spindle.Storage;
 
 namespace Spindle.Server.Exports;
@@ -326,7 +327,7 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
         var directory = ConfinedOpen.OpenDirectory(root);
         if (directory < 0)
         {
-            problem = -directory == ConfinedOpen.ENOENT ? "no such image" : $"the image directory cannot be opened (errno {-directory})";
+            problem = -directory == Errno.ENOENT ? "no such image" : $"the image directory cannot be opened (errno {-directory})";
             return null;
         }
 
@@ -338,9 +339,9 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
             {
                 problem = errno switch
                 {
-                    ConfinedOpen.ENOENT => "no such image",
-                    ConfinedOpen.EXDEV or ConfinedOpen.ELOOP => "the name leads outside the export directory",
-                    ConfinedOpen.ENOSYS => "this kernel lacks openat2, which confining names to the directory needs",
+                    Errno.ENOENT => "no such image",
+                    Errno.EXDEV or Errno.ELOOP => "the name leads outside the export directory",
+                    Errno.ENOSYS => "this kernel lacks openat2, which confining names to the directory needs",
                     21 => "that name is a directory, not an image", // EISDIR
                     13 => "permission denied", // EACCES
                     _ => $"cannot open the image (errno {errno})",

@@ -19,21 +19,7 @@ internal static partial class LinuxFile
 
     public const int RwfDsync = 0x02;
     public const int RwfNowait = 0x08;
-    public const int EAGAIN = 11;
 
-    public const int EPERM = 1;
-    public const int EINTR = 4;
-    public const int EIO = 5;
-    public const int ENXIO = 6;
-    public const int EACCES = 13;
-    public const int ENODEV = 19;
-    public const int EINVAL = 22;
-    public const int EFBIG = 27;
-    public const int ENOSPC = 28;
-    public const int EROFS = 30;
-    public const int ENOSYS = 38;
-    public const int EOPNOTSUPP = 95;
-    public const int EDQUOT = 122;
 
     private const uint FileTypeMask = 0xF000; // S_IFMT
     private const uint BlockDeviceType = 0x6000; // S_IFBLK
@@ -103,28 +89,28 @@ internal static partial class LinuxFile
             }
 
             var errno = Marshal.GetLastPInvokeError();
-            if (errno != EINTR)
+            if (errno != Errno.EINTR)
             {
                 return errno;
             }
         }
 
-        return EINTR;
+        return Errno.EINTR;
     }
 
     /// <summary>fdatasync; throws a <see cref="BlockDeviceException"/> on failure.</summary>
     public static void DataSync(SafeFileHandle handle)
     {
         using var fd = new FdLease(handle);
-        var errno = EINTR;
-        for (var attempt = 0; attempt < 100 && errno == EINTR; attempt++)
+        var errno = Errno.EINTR;
+        for (var attempt = 0; attempt < 100 && errno == Errno.EINTR; attempt++)
         {
             errno = FDataSync(fd.Fd) == 0 ? 0 : Marshal.GetLastPInvokeError();
         }
 
         if (errno != 0)
         {
-            throw new BlockDeviceException(ToNbdError(errno), $"fdatasync failed: {Marshal.GetPInvokeErrorMessage(errno)}");
+            throw new BlockDeviceException(Errno.ToNbdError(errno), $"fdatasync failed: {Marshal.GetPInvokeErrorMessage(errno)}");
         }
     }
 
@@ -159,16 +145,6 @@ internal static partial class LinuxFile
         var mode = *(uint*)(buffer + modeOffset);
         return (mode & FileTypeMask) == BlockDeviceType;
     }
-
-    /// <summary>Maps an errno to the NBD error the spec prescribes (EDQUOT and EFBIG become ENOSPC).</summary>
-    public static NbdError ToNbdError(int errno) => errno switch
-    {
-        ENOSPC or EDQUOT or EFBIG => NbdError.NoSpace,
-        EPERM or EACCES or EROFS => NbdError.NotPermitted,
-        EINVAL => NbdError.InvalidArgument,
-        EOPNOTSUPP or ENOSYS or ENODEV => NbdError.NotSupported,
-        _ => NbdError.IO,
-    };
 
     [StructLayout(LayoutKind.Sequential)]
     private unsafe struct IoVector

@@ -1,8 +1,9 @@
 using System.Net.Sockets;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using Spindle.Protocol;
 
-namespace Spindle.Server.Transport;
+namespace Spindle.Wire;
 
 /// <summary>
 /// sendmsg(2) on a socket's descriptor with an iovec per segment: one system call for a whole batch of replies,
@@ -15,8 +16,6 @@ internal static unsafe partial class NativeSocket
 
     private const int MsgDontWait = 0x40;
     private const int MsgNoSignal = 0x4000;
-    private const int EAGAIN = 11;
-    private const int EINTR = 4;
 
     [LibraryImport("libc", EntryPoint = "sendmsg", SetLastError = true)]
     private static partial nint SendMsg(int fd, MessageHeader* message, int flags);
@@ -25,7 +24,7 @@ internal static unsafe partial class NativeSocket
     /// Sends the segments after the first <paramref name="skip"/> bytes. Returns the bytes sent by this call (0 when
     /// a non-blocking send would block); throws a <see cref="SocketException"/> on any other error.
     /// </summary>
-    public static long Send(Socket socket, List<ArraySegment<byte>> segments, long skip, bool dontWait)
+    public static long Send(Socket socket, IList<ArraySegment<byte>> segments, long skip, bool dontWait)
     {
         var count = Math.Min(segments.Count, MaxSegments);
         var vectors = stackalloc IoVector[count];
@@ -67,12 +66,12 @@ internal static unsafe partial class NativeSocket
                 }
 
                 var errno = Marshal.GetLastPInvokeError();
-                if (errno == EINTR)
+                if (errno == Errno.EINTR)
                 {
                     continue;
                 }
 
-                if (errno == EAGAIN && dontWait)
+                if (errno == Errno.EAGAIN && dontWait)
                 {
                     return 0;
                 }
@@ -91,10 +90,10 @@ internal static unsafe partial class NativeSocket
 
     private static int ToSocketError(int errno) => errno switch
     {
-        32 => (int)SocketError.Shutdown, // EPIPE
-        104 => (int)SocketError.ConnectionReset, // ECONNRESET
-        110 => (int)SocketError.TimedOut,
-        9 => (int)SocketError.OperationAborted, // EBADF: closed under us
+        Errno.EPIPE => (int)SocketError.Shutdown,
+        Errno.ECONNRESET => (int)SocketError.ConnectionReset,
+        Errno.ETIMEDOUT => (int)SocketError.TimedOut,
+        Errno.EBADF => (int)SocketError.OperationAborted, // closed under us
         _ => (int)SocketError.SocketError,
     };
 

@@ -1,6 +1,6 @@
 using System.Threading.Channels;
 
-namespace Spindle.Testing;
+namespace Spindle.Wire;
 
 /// <summary>Two connected in-memory streams: what one writes, the other reads. For driving a server with no socket.</summary>
 public static class InMemoryDuplex
@@ -37,7 +37,7 @@ public static class InMemoryDuplex
             {
                 try
                 {
-                    _current = await incoming.ReadAsync(cancellationToken);
+                    _current = await incoming.ReadAsync(cancellationToken).ConfigureAwait(false);
                 }
                 catch (ChannelClosedException)
                 {

@@ -1,16 +1,20 @@
 using System.Net;
 
-namespace Spindle.Server.Transport;
+namespace Spindle.Wire;
 
 /// <summary>
-/// A transport over any duplex <see cref="Stream"/>: a TLS stream after STARTTLS, or an in-memory stream in tests.
-/// Gathered sends are written segment by segment and then flushed.
+/// A transport over any duplex <see cref="Stream"/>: an in-memory stream in tests (<see cref="InMemoryDuplex"/>), or
+/// a pipe. Gathered sends are written segment by segment and then flushed.
 /// </summary>
-public sealed class StreamTransport : ConnectionTransport
+public sealed class StreamTransport : Transport
 {
     private readonly Stream _stream;
     private readonly Action? _abort;
 
+    /// <param name="stream">The stream; the transport owns it.</param>
+    /// <param name="remoteDescription">How to name the peer in logs and messages.</param>
+    /// <param name="remoteEndPoint">The peer's address for access rules, if it has one.</param>
+    /// <param name="abort">Called by <see cref="Abort"/> before the stream is disposed.</param>
     public StreamTransport(Stream stream, string remoteDescription, IPEndPoint? remoteEndPoint = null, Action? abort = null)
     {
         ArgumentNullException.ThrowIfNull(stream);
@@ -19,8 +23,6 @@ public sealed class StreamTransport : ConnectionTransport
         RemoteIPEndPoint = remoteEndPoint;
         _abort = abort;
     }
-
-    public Stream Stream => _stream;
 
     public override string RemoteDescription { get; }
 
@@ -52,8 +54,7 @@ public sealed class StreamTransport : ConnectionTransport
         _stream.Dispose();
     }
 
-    public override async ValueTask DisposeAsync()
-    {
-        await _stream.DisposeAsync().ConfigureAwait(false);
-    }
+    public override ValueTask DisposeAsync() => _stream.DisposeAsync();
+
+    protected internal override Stream OpenStream() => _stream;
 }

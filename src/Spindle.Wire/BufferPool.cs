@@ -1,4 +1,4 @@
-namespace Spindle.Server.Buffers;
+namespace Spindle.Wire;
 
 /// <summary>
 /// Pooled byte arrays in power-of-two size classes from 4 KiB to 32 MiB, allocated on the pinned object heap so
