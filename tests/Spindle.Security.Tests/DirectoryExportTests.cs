@@ -213,8 +213,8 @@ public sealed class DirectoryExportTests(CertificateFixture fixture) : IClassFix
             catalog => catalog.Add(new DirectoryExportProvider(new DirectoryExportOptions { Root = Path.Combine(root, DirectoryExportOptions.SessionPlaceholder) })),
             options =>
             {
-                options.SessionNames.Add(Server.Configuration.IniConfigurationReader.ParseSessionName("local=127.0.0.0/8", "test"));
-                options.SessionNames.Add(Server.Configuration.IniConfigurationReader.ParseSessionName("sock=unix", "test"));
+                options.SessionNames.Add(Cli.Hosting.IniConfigurationReader.ParseSessionName("local=127.0.0.0/8", "test"));
+                options.SessionNames.Add(Cli.Hosting.IniConfigurationReader.ParseSessionName("sock=unix", "test"));
             });
         await using (var tcp = await RawNbdClient.ConnectAsync(server.EndPoint))
         {

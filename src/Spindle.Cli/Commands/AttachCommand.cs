@@ -6,7 +6,6 @@ using Spindle.Cli.Hosting;
 using Spindle.Client;
 using Spindle.Fuse;
 using Spindle.Fuse.Devices;
-using Spindle.Server.Configuration;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;

@@ -3,7 +3,6 @@ using System.Globalization;
 using System.Net.Sockets;
 using Spindle.Cli.Hosting;
 using Spindle.Client;
-using Spindle.Server.Configuration;
 
 namespace Spindle.Cli.Commands;
 

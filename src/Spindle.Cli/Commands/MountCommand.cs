@@ -3,7 +3,6 @@ using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
 using Spindle.Fuse;
-using Spindle.Server.Configuration;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;

@@ -1,4 +1,4 @@
-using Spindle.Server.Configuration;
+using Spindle.Cli.Hosting;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;

@@ -1,5 +1,5 @@
+using Spindle.Cli.Hosting;
 using Spindle.Client;
-using Spindle.Server.Configuration;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;

@@ -6,7 +6,6 @@ using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
 using Spindle.Protocol;
 using Spindle.Server;
-using Spindle.Server.Configuration;
 using Spindle.Server.Exports;
 using Spindle.Server.Security;
 using Spindle.Storage;

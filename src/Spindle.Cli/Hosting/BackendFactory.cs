@@ -1,4 +1,3 @@
-using Spindle.Server.Configuration;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Hosting;

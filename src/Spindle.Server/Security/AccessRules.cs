@@ -102,7 +102,7 @@ public sealed class ExportAccess
             }
             else
             {
-                throw new Configuration.ConfigurationException($"{where}: '{entry}' is not an IP address, a CIDR range or 'unix'");
+                throw new FormatException($"{where}: '{entry}' is not an IP address, a CIDR range or 'unix'");
             }
         }
 
