@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's packages: the peers Spindle is proven against and the tools the
-# tests drive. Idempotent and quick when everything is present. Needs root (or sudo).
+# tests drive, then the Debian 13 root with the peers that speak NBD extended headers (scripts/trixie-root.sh).
+# Idempotent and quick when everything is present. Needs root (or sudo).
 set -euo pipefail
 
 packages=(
@@ -25,6 +26,7 @@ packages=(
   xz-utils          # unpacks its kernel (booted uncompressed)
   busybox-static    # the VM's userland
   nbd-client        # copied into the VM: the real kernel client's userspace half
+  debootstrap       # builds the Debian 13 root of extended-header peers (scripts/trixie-root.sh)
 )
 
 missing=()
@@ -32,14 +34,19 @@ for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
 
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#packages[@]} packages present"
-  exit 0
-fi
-
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+else
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian 12 has neither libnbd >= 1.18 nor qemu >= 8.2: the extended-header interop tests run those peers from a
+# Debian 13 root, built once and cached (quick when present).
+trixie_root=$($SUDO "$(dirname "$0")/trixie-root.sh")
+echo "install-deps: trixie root at $trixie_root"

@@ -16,9 +16,14 @@ public static class NbdMagic
     public const ulong OptionReplyMagic = 0x0003e889045565a9;
 
     public const uint RequestMagic = 0x25609513;
+
+    /// <summary>NBD_EXTENDED_REQUEST_MAGIC: every request once extended headers were negotiated (§8).</summary>
     public const uint ExtendedRequestMagic = 0x21e41c71;
+
     public const uint SimpleReplyMagic = 0x67446698;
     public const uint StructuredReplyMagic = 0x668e33ef;
+
+    /// <summary>NBD_EXTENDED_REPLY_MAGIC: every reply chunk once extended headers were negotiated (§8).</summary>
     public const uint ExtendedReplyMagic = 0x6e8a278c;
 }
 
@@ -55,8 +60,15 @@ public static class NbdLimits
     /// <summary>The fixed-size part of a compact request.</summary>
     public const int RequestHeaderLength = 28;
 
+    /// <summary>The fixed-size part of an extended request (64-bit length).</summary>
+    public const int ExtendedRequestHeaderLength = 32;
+
     public const int SimpleReplyHeaderLength = 16;
     public const int StructuredReplyHeaderLength = 20;
+
+    /// <summary>An extended reply chunk header: the structured one plus the echoed offset and a 64-bit length.</summary>
+    public const int ExtendedReplyHeaderLength = 32;
+
     public const int OptionHeaderLength = 16;
     public const int OptionReplyHeaderLength = 20;
     public const int ServerGreetingLength = 18;

@@ -98,20 +98,30 @@ public readonly record struct StructuredReplyHeader(ReplyFlags Flags, ReplyType 
     }
 }
 
-/// <summary>Writers and readers for the payloads of structured reply chunks.</summary>
-public static class StructuredReplyChunks
+/// <summary>
+/// Writers and readers for reply chunks. The overloads taking a cookie write the structured form (20-byte header);
+/// those taking the <see cref="NbdRequest"/> being answered write the form that request was sent in (structured for a
+/// compact request, extended for an extended one: both are fixed by NBD_OPT_EXTENDED_HEADERS), echoing its cookie and,
+/// in the extended form, its offset. The payload after the header is the same in both forms.
+/// </summary>
+public static partial class StructuredReplyChunks
 {
     /// <summary>Length of a NONE chunk: header only.</summary>
     public const int NoneLength = StructuredReplyHeader.Length;
 
     /// <summary>Header plus the 8-byte offset that precedes OFFSET_DATA's data.</summary>
-    public const int OffsetDataPrefixLength = StructuredReplyHeader.Length + 8;
+    public const int OffsetDataPrefixLength = StructuredReplyHeader.Length + OffsetDataFixedPayload;
 
     /// <summary>Header plus offset and hole size.</summary>
-    public const int OffsetHoleLength = StructuredReplyHeader.Length + 12;
+    public const int OffsetHoleLength = StructuredReplyHeader.Length + OffsetHolePayload;
 
     /// <summary>An ERROR chunk's fixed part: header, error, message length.</summary>
-    public const int ErrorFixedLength = StructuredReplyHeader.Length + 6;
+    public const int ErrorFixedLength = StructuredReplyHeader.Length + ErrorFixedPayload;
+
+    // Payload sizes, the same in structured and extended chunks (proto.md, "Structured reply types").
+    private const int OffsetDataFixedPayload = 8;
+    private const int OffsetHolePayload = 12;
+    private const int ErrorFixedPayload = 6;
 
     /// <summary>Writes a NONE chunk with DONE set (the only legal form).</summary>
     public static int WriteNone(Span<byte> destination, ulong cookie) =>
@@ -121,28 +131,11 @@ public static class StructuredReplyChunks
     /// Writes the header and offset of an OFFSET_DATA chunk whose <paramref name="dataLength"/> data bytes the
     /// caller sends next (so large payloads go out straight from their buffer).
     /// </summary>
-    public static int WriteOffsetDataPrefix(Span<byte> destination, ReplyFlags flags, ulong cookie, ulong offset, int dataLength)
-    {
-        // dataLength is an int, so it can never reach the 2^32 - 8 bound that forces a split.
-        ArgumentOutOfRangeException.ThrowIfLessThan(dataLength, 1);
+    public static int WriteOffsetDataPrefix(Span<byte> destination, ReplyFlags flags, ulong cookie, ulong offset, int dataLength) =>
+        WriteOffsetDataPrefix(destination, flags, ChunkTarget.Structured(cookie), offset, dataLength);
 
-        StructuredReplyHeader.Write(destination, flags, ReplyType.OffsetData, cookie, (uint)dataLength + 8);
-        BinaryPrimitives.WriteUInt64BigEndian(destination[StructuredReplyHeader.Length..], offset);
-        return OffsetDataPrefixLength;
-    }
-
-    public static int WriteOffsetHole(Span<byte> destination, ReplyFlags flags, ulong cookie, ulong offset, uint holeSize)
-    {
-        if (holeSize == 0)
-        {
-            throw new ArgumentOutOfRangeException(nameof(holeSize), "A hole chunk must describe at least one byte.");
-        }
-
-        StructuredReplyHeader.Write(destination, flags, ReplyType.OffsetHole, cookie, 12);
-        BinaryPrimitives.WriteUInt64BigEndian(destination[20..], offset);
-        BinaryPrimitives.WriteUInt32BigEndian(destination[28..], holeSize);
-        return OffsetHoleLength;
-    }
+    public static int WriteOffsetHole(Span<byte> destination, ReplyFlags flags, ulong cookie, ulong offset, uint holeSize) =>
+        WriteOffsetHole(destination, flags, ChunkTarget.Structured(cookie), offset, holeSize);
 
     /// <summary>The bytes an ERROR chunk with this message takes (the message is cut at 4096 bytes).</summary>
     public static int ErrorLength(string? message) => ErrorFixedLength + MessageByteCount(message);
@@ -151,35 +144,12 @@ public static class StructuredReplyChunks
     public static int ErrorOffsetLength(string? message) => ErrorFixedLength + MessageByteCount(message) + 8;
 
     /// <summary>Writes an ERROR chunk (with DONE set) carrying an optional human-readable message.</summary>
-    public static int WriteError(Span<byte> destination, ReplyFlags flags, ulong cookie, NbdError error, string? message)
-    {
-        if (error == NbdError.None)
-        {
-            throw new ArgumentOutOfRangeException(nameof(error), "An error chunk must carry a non-zero error.");
-        }
-
-        var messageLength = WriteMessage(destination[ErrorFixedLength..], message);
-        StructuredReplyHeader.Write(destination, flags, ReplyType.Error, cookie, (uint)(6 + messageLength));
-        BinaryPrimitives.WriteUInt32BigEndian(destination[20..], (uint)error);
-        BinaryPrimitives.WriteUInt16BigEndian(destination[24..], (ushort)messageLength);
-        return ErrorFixedLength + messageLength;
-    }
+    public static int WriteError(Span<byte> destination, ReplyFlags flags, ulong cookie, NbdError error, string? message) =>
+        WriteError(destination, flags, ChunkTarget.Structured(cookie), error, message, errorOffset: null);
 
     /// <summary>Writes an ERROR_OFFSET chunk naming the offset (inside the request) where the error happened.</summary>
-    public static int WriteErrorOffset(Span<byte> destination, ReplyFlags flags, ulong cookie, NbdError error, string? message, ulong offset)
-    {
-        if (error == NbdError.None)
-        {
-            throw new ArgumentOutOfRangeException(nameof(error), "An error chunk must carry a non-zero error.");
-        }
-
-        var messageLength = WriteMessage(destination[ErrorFixedLength..], message);
-        StructuredReplyHeader.Write(destination, flags, ReplyType.ErrorOffset, cookie, (uint)(14 + messageLength));
-        BinaryPrimitives.WriteUInt32BigEndian(destination[20..], (uint)error);
-        BinaryPrimitives.WriteUInt16BigEndian(destination[24..], (ushort)messageLength);
-        BinaryPrimitives.WriteUInt64BigEndian(destination[(ErrorFixedLength + messageLength)..], offset);
-        return ErrorFixedLength + messageLength + 8;
-    }
+    public static int WriteErrorOffset(Span<byte> destination, ReplyFlags flags, ulong cookie, NbdError error, string? message, ulong offset) =>
+        WriteError(destination, flags, ChunkTarget.Structured(cookie), error, message, offset);
 
     /// <summary>The bytes a BLOCK_STATUS chunk with <paramref name="extentCount"/> extents takes, header included.</summary>
     public static int BlockStatusLength(int extentCount) => StructuredReplyHeader.Length + 4 + (8 * extentCount);
