@@ -15,8 +15,8 @@ internal static partial class ClientLog
     [LoggerMessage(103, LogLevel.Debug, "{Server}: {Option} refused with {Reply}: {Message}")]
     public static partial void OptionRefused(ILogger logger, string server, string option, OptionReplyType reply, string message);
 
-    [LoggerMessage(104, LogLevel.Information, "[{Connection}] {Server}: export '{Export}' ({Size} bytes, flags {Flags}) via {Method}, structured replies {Structured}, contexts {Contexts}")]
-    public static partial void Negotiated(ILogger logger, int connection, string server, string export, long size, TransmissionFlags flags, NegotiationMethod method, bool structured, string contexts);
+    [LoggerMessage(104, LogLevel.Information, "[{Connection}] {Server}: export '{Export}' ({Size} bytes, flags {Flags}) via {Method}, structured replies {Structured}, extended headers {Extended}, contexts {Contexts}")]
+    public static partial void Negotiated(ILogger logger, int connection, string server, string export, long size, TransmissionFlags flags, NegotiationMethod method, bool structured, bool extended, string contexts);
 
     [LoggerMessage(105, LogLevel.Warning, "[{Connection}] {Server}: connection failed with {Pending} requests in flight: {Reason}")]
     public static partial void ConnectionFailed(ILogger logger, int connection, string server, int pending, string reason);

@@ -68,6 +68,12 @@ public sealed record ExportInfo
 
     public bool StructuredReplies { get; init; }
 
+    /// <summary>True when extended headers were negotiated: 32-byte requests and replies, 64-bit lengths.</summary>
+    public bool ExtendedHeaders { get; init; }
+
+    /// <summary>True when a BLOCK_STATUS may name the contexts to answer (NBD_FLAG_BLOCK_STATUS_PAYLOAD).</summary>
+    public bool CanFilterBlockStatus => Has(TransmissionFlags.BlockStatusPayload);
+
     /// <summary>The metadata contexts selected on the connection, by name, with the ids the server gave them.</summary>
     public IReadOnlyDictionary<string, uint> MetaContexts { get; init; } = new Dictionary<string, uint>();
 
@@ -110,9 +116,9 @@ public sealed record ExportInfo
 
     /// <summary>
     /// Applies the spec's rules to advertised flags: without HAS_FLAGS nothing else counts; DF needs structured
-    /// replies; FAST_ZERO needs WRITE_ZEROES; BLOCK_STATUS_PAYLOAD needs extended headers (never negotiated here).
+    /// replies; FAST_ZERO needs WRITE_ZEROES; BLOCK_STATUS_PAYLOAD needs extended headers.
     /// </summary>
-    internal static TransmissionFlags Sanitize(TransmissionFlags flags, bool structuredReplies)
+    internal static TransmissionFlags Sanitize(TransmissionFlags flags, bool structuredReplies, bool extendedHeaders = false)
     {
         if ((flags & TransmissionFlags.HasFlags) == 0)
         {
@@ -129,7 +135,7 @@ public sealed record ExportInfo
             flags &= ~TransmissionFlags.SendFastZero;
         }
 
-        return flags & ~TransmissionFlags.BlockStatusPayload;
+        return extendedHeaders ? flags : flags & ~TransmissionFlags.BlockStatusPayload;
     }
 }
 

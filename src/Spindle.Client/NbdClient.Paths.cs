@@ -61,6 +61,12 @@ public sealed partial class NbdClient
             return $"flags {other.Flags} instead of {reference.Flags}";
         }
 
+        if (other.ExtendedHeaders != reference.ExtendedHeaders)
+        {
+            // Requests longer than 32 bits are only sent whole over extended headers; a path without them cannot take them.
+            return other.ExtendedHeaders ? "extended headers where the first server had none" : "no extended headers (the first server had them)";
+        }
+
         if (other.MinimumBlockSize != reference.MinimumBlockSize)
         {
             return $"minimum block size {other.MinimumBlockSize} instead of {reference.MinimumBlockSize}";

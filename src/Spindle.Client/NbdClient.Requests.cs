@@ -6,8 +6,11 @@ namespace Spindle.Client;
 
 public sealed partial class NbdClient
 {
-    /// <summary>The longest TRIM / WRITE_ZEROES / CACHE / BLOCK_STATUS in one request: 32 bits, aligned to the minimum block.</summary>
-    private long MaxEffectLength => uint.MaxValue - (uint.MaxValue % Export.MinimumBlockSize);
+    /// <summary>
+    /// The longest TRIM / WRITE_ZEROES / CACHE / BLOCK_STATUS in one request: 32 bits aligned to the minimum block, or
+    /// with extended headers the whole export (64-bit lengths).
+    /// </summary>
+    private long MaxEffectLength => Export.ExtendedHeaders ? Math.Max(Export.Size, 1) : uint.MaxValue - (uint.MaxValue % Export.MinimumBlockSize);
 
     /// <summary>
     /// Checks a request against the export before it is sent (proto.md "Request message" and "Block size

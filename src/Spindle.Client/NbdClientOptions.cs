@@ -12,6 +12,13 @@ public sealed class NbdClientOptions
     public bool StructuredReplies { get; set; } = true;
 
     /// <summary>
+    /// Ask for extended headers first (NBD_OPT_EXTENDED_HEADERS: 64-bit lengths, so one TRIM, WRITE_ZEROES, CACHE or
+    /// BLOCK_STATUS may cover a whole disk). Default: true; a server that refuses them gets structured replies
+    /// instead. Ignored when <see cref="StructuredReplies"/> is false, as libnbd does.
+    /// </summary>
+    public bool ExtendedHeaders { get; set; } = true;
+
+    /// <summary>
     /// Metadata contexts to select with NBD_OPT_SET_META_CONTEXT when structured replies are on. Default:
     /// <c>base:allocation</c>. Empty selects none (and BLOCK_STATUS is then unavailable).
     /// </summary>

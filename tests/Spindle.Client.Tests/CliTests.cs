@@ -49,7 +49,7 @@ public sealed class CliTests
         var result = await SpindleCli.RunAsync("info", server.Uri("disk"));
         AssertExit(0, result);
         var text = result.StandardOutput;
-        Assert.Contains("protocol: newstyle-fixed without TLS, structured replies, entered with NBD_OPT_GO", text, StringComparison.Ordinal);
+        Assert.Contains("protocol: newstyle-fixed without TLS, extended headers (64-bit), entered with NBD_OPT_GO", text, StringComparison.Ordinal);
         Assert.Contains("export=\"disk\":", text, StringComparison.Ordinal);
         Assert.Contains("export-size: 4194304 (4.0 MiB)", text, StringComparison.Ordinal);
         Assert.Contains("description: the main disk", text, StringComparison.Ordinal);

@@ -531,7 +531,7 @@ public sealed class ScriptedServerTests
         Assert.Equal(NegotiationMethod.ExportName, client.Export.Method);
         Assert.False(client.Export.StructuredReplies);
         Assert.Equal((long)Size, client.Size);
-        Assert.Equal([NbdOption.StructuredReply, NbdOption.Go, NbdOption.ExportName], options);
+        Assert.Equal([NbdOption.ExtendedHeaders, NbdOption.StructuredReply, NbdOption.Go, NbdOption.ExportName], options);
         var buffer = new byte[512];
         await client.ReadAsync(0, buffer, Token).AsTask().WaitAsync(Bound, Token);
         Assert.Equal(Patterns.Generate(0, 512), buffer);
@@ -581,6 +581,7 @@ public sealed class ScriptedServerTests
         {
             await c.SendGreetingAsync();
             await c.ReadClientFlagsAsync();
+            await c.RefuseExtendedHeadersAsync();
             var (option, _) = await c.ReadOptionAsync();
             Assert.Equal(NbdOption.StructuredReply, option);
             await c.ReplyErrorAsync(option, OptionReplyType.ErrorUnsupported, "no thanks");
@@ -607,6 +608,7 @@ public sealed class ScriptedServerTests
         {
             await c.SendGreetingAsync();
             await c.ReadClientFlagsAsync();
+            await c.RefuseExtendedHeadersAsync();
             var (option, _) = await c.ReadOptionAsync();
             await c.ReplyAsync(option, OptionReplyType.Ack);
             (option, _) = await c.ReadOptionAsync();

@@ -159,7 +159,7 @@ public sealed class TlsClientTests(ClientCertificateFixture fixture) : IClassFix
         }
 
         var plain = await Assert.ThrowsAsync<NbdTlsException>(() => NbdClient.ConnectAsync(server.Uri("open"), cancellationToken: Token).WaitAsync(Bound, Token));
-        Assert.Contains("requires TLS (NBD_OPT_STRUCTURED_REPLY answered NBD_REP_ERR_TLS_REQD", plain.Message, StringComparison.Ordinal);
+        Assert.Contains("requires TLS (NBD_OPT_EXTENDED_HEADERS answered NBD_REP_ERR_TLS_REQD", plain.Message, StringComparison.Ordinal);
     }
 
     [Fact]

@@ -190,7 +190,6 @@ public sealed class NegotiationTests
 
     [Theory]
     [InlineData(4u)] // NBD_OPT_PEEK_EXPORT, withdrawn
-    [InlineData(11u)] // NBD_OPT_EXTENDED_HEADERS, not implemented
     [InlineData(0x1234u)]
     [InlineData(0xffffffffu)]
     public async Task Unknown_options_get_unsupported_after_their_data_is_skipped(uint option)

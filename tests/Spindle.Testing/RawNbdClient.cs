@@ -7,7 +7,7 @@ using Xunit;
 namespace Spindle.Testing;
 
 /// <summary>One reply read by <see cref="RawNbdClient.ReadReplyAsync"/>: a simple reply or one structured chunk.</summary>
-public sealed record RawReply(bool IsStructured, ulong Cookie, NbdError Error, ReplyFlags Flags, ReplyType Type, byte[] Payload)
+public sealed record RawReply(bool IsStructured, ulong Cookie, NbdError Error, ReplyFlags Flags, ReplyType Type, byte[] Payload, ulong? ExtendedOffset = null)
 {
     public bool IsDone => !IsStructured || (Flags & ReplyFlags.Done) != 0;
 
@@ -117,16 +117,17 @@ public sealed class RawNbdClient : IAsyncDisposable
 
     /// <summary>Negotiates the usual way (structured replies, base:allocation, GO) and returns the export's size and flags.</summary>
     /// <remarks>With <paramref name="start"/> false the greeting was already handled (for example before STARTTLS).</remarks>
-    public async Task<(ulong Size, TransmissionFlags Flags)> NegotiateAsync(string export = "", bool structured = true, bool blockStatus = true, bool start = true)
+    /// <remarks>With <paramref name="extended"/> it asks for extended headers instead of structured replies.</remarks>
+    public async Task<(ulong Size, TransmissionFlags Flags)> NegotiateAsync(string export = "", bool structured = true, bool blockStatus = true, bool start = true, bool extended = false)
     {
         if (start)
         {
             await StartAsync();
         }
 
-        if (structured)
+        if (structured || extended)
         {
-            await SendOptionAsync(NbdOption.StructuredReply);
+            await SendOptionAsync(extended ? NbdOption.ExtendedHeaders : NbdOption.StructuredReply);
             Assert.Equal(OptionReplyType.Ack, (await ReadOptionReplyAsync()).Header.Type);
             if (blockStatus)
             {
@@ -154,6 +155,15 @@ public sealed class RawNbdClient : IAsyncDisposable
         return SendRawAsync(bytes);
     }
 
+    /// <summary>Sends a 32-byte extended request (extended headers negotiated) with an optional payload.</summary>
+    public Task SendExtendedRequestAsync(NbdCommand command, ulong cookie, ulong offset, ulong length, CommandFlags flags = CommandFlags.None, byte[]? payload = null)
+    {
+        var bytes = new byte[NbdLimits.ExtendedRequestHeaderLength + (payload?.Length ?? 0)];
+        new NbdRequest(flags, command, cookie, offset, length, extended: true).WriteTo(bytes);
+        payload?.CopyTo(bytes, NbdLimits.ExtendedRequestHeaderLength);
+        return SendRawAsync(bytes);
+    }
+
     /// <summary>Reads one reply: a simple reply (followed by <paramref name="simpleReadLength"/> bytes of data if it reports success) or one structured chunk.</summary>
     public async Task<RawReply> ReadReplyAsync(int simpleReadLength = 0)
     {
@@ -166,6 +176,16 @@ public sealed class RawNbdClient : IAsyncDisposable
             var cookie = BinaryPrimitives.ReadUInt64BigEndian(rest.AsSpan(4));
             var data = error == NbdError.None && simpleReadLength > 0 ? await ReadExactlyAsync(simpleReadLength) : [];
             return new RawReply(false, cookie, error, ReplyFlags.Done, ReplyType.None, data);
+        }
+
+        if (magic == NbdMagic.ExtendedReplyMagic)
+        {
+            var extended = await ReadExactlyAsync(ExtendedReplyHeader.Length - 4);
+            var payloadLength = BinaryPrimitives.ReadUInt64BigEndian(extended.AsSpan(20));
+            Assert.True(payloadLength < 64 * 1024 * 1024, $"extended chunk of {payloadLength} bytes");
+            return new RawReply(true, BinaryPrimitives.ReadUInt64BigEndian(extended.AsSpan(4)), NbdError.None,
+                (ReplyFlags)BinaryPrimitives.ReadUInt16BigEndian(extended), (ReplyType)BinaryPrimitives.ReadUInt16BigEndian(extended.AsSpan(2)),
+                await ReadExactlyAsync((int)payloadLength), BinaryPrimitives.ReadUInt64BigEndian(extended.AsSpan(12)));
         }
 
         Assert.True(magic == NbdMagic.StructuredReplyMagic, $"unexpected reply magic 0x{magic:x8}");

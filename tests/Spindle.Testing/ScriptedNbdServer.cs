@@ -185,6 +185,14 @@ public sealed class ScriptedConnection : IAsyncDisposable
         return SendAsync(bytes);
     }
 
+    /// <summary>Answers the client's NBD_OPT_EXTENDED_HEADERS as a server without the extension does (ERR_UNSUP).</summary>
+    public async Task RefuseExtendedHeadersAsync()
+    {
+        var (option, _) = await ReadOptionAsync();
+        Assert.Equal(NbdOption.ExtendedHeaders, option);
+        await ReplyErrorAsync(option, OptionReplyType.ErrorUnsupported);
+    }
+
     public Task ReplyErrorAsync(NbdOption option, OptionReplyType type, string message = "") =>
         ReplyAsync(option, type, System.Text.Encoding.UTF8.GetBytes(message));
 

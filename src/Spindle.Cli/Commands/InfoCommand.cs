@@ -212,7 +212,7 @@ internal static class InfoCommand
     private static string Protocol(ExportInfo export)
     {
         var handshake = export.FixedNewstyle ? "newstyle-fixed" : "newstyle";
-        var replies = export.StructuredReplies ? "structured replies" : "simple replies";
+        var replies = export.ExtendedHeaders ? "extended headers (64-bit)" : export.StructuredReplies ? "structured replies" : "simple replies";
         var method = export.Method == NegotiationMethod.Go ? "NBD_OPT_GO" : "NBD_OPT_EXPORT_NAME";
         return $"{handshake} {(export.Tls ? "with" : "without")} TLS, {replies}, entered with {method}";
     }
@@ -228,6 +228,7 @@ internal static class InfoCommand
             writer.WriteBoolean("no_zeroes", (export.HandshakeFlags & HandshakeFlags.NoZeroes) != 0);
             writer.WriteString("method", export.Method == NegotiationMethod.Go ? "go" : "export-name");
             writer.WriteBoolean("structured_replies", export.StructuredReplies);
+            writer.WriteBoolean("extended_headers", export.ExtendedHeaders);
             writer.WriteBoolean("tls", export.Tls);
             writer.WriteEndObject();
             WriteExportJson(writer, export);

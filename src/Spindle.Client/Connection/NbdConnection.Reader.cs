@@ -7,34 +7,42 @@ namespace Spindle.Client.Connection;
 
 internal sealed partial class NbdConnection
 {
-    /// <summary>The largest BLOCK_STATUS chunk accepted: twice the 2^20 extents the spec says a server should stay under.</summary>
-    private const long MaxBlockStatusPayload = 4 + (8L << 21);
+    /// <summary>The most extents a BLOCK_STATUS chunk may carry here: twice the 2^20 the spec says a server should stay under.</summary>
+    private const ulong MaxBlockStatusExtents = 1ul << 21;
 
     /// <summary>An ERROR_OFFSET chunk with the longest message the protocol allows.</summary>
     private const int MaxErrorPayload = 6 + NbdLimits.MaxStringLength + 8;
 
     /// <summary>
-    /// The reader loop: one reply header (simple, 16 bytes) or chunk header (structured, 20 bytes) at a time, the
-    /// request found by cookie, data received straight into the request's buffer. Any inconsistency is a protocol
-    /// violation and ends the connection ("the client MUST hard-disconnect"); an end of stream fails every request
-    /// still waiting.
+    /// The reader loop: one reply header (simple, 16 bytes), chunk header (structured, 20 bytes) or, with extended
+    /// headers, extended chunk header (32 bytes) at a time, the request found by cookie, data received straight into
+    /// the request's buffer. Any inconsistency is a protocol violation and ends the connection ("the client MUST
+    /// hard-disconnect"); an end of stream fails every request still waiting.
     /// </summary>
     private async Task ReadLoopAsync()
     {
         var token = _stopping.Token;
+        var extended = Export.ExtendedHeaders;
         try
         {
             while (true)
             {
                 await _receive.EnsureAsync(4, "a reply", token).ConfigureAwait(false);
                 var magic = BinaryPrimitives.ReadUInt32BigEndian(_receive.Span);
+                if (extended && magic != NbdMagic.ExtendedReplyMagic)
+                {
+                    // The extension: with extended headers every reply is an extended chunk; simple replies are forbidden.
+                    throw new NbdProtocolException(
+                        $"{Server} sent a reply with magic 0x{magic:x8} although extended headers were negotiated (every reply must be an extended chunk, 0x6e8a278c)");
+                }
+
                 if (magic == NbdMagic.SimpleReplyMagic)
                 {
                     await ReadSimpleReplyAsync(token).ConfigureAwait(false);
                 }
-                else if (magic == NbdMagic.StructuredReplyMagic)
+                else if (magic == NbdMagic.StructuredReplyMagic || magic == NbdMagic.ExtendedReplyMagic)
                 {
-                    await ReadChunkAsync(token).ConfigureAwait(false);
+                    await ReadChunkAsync(magic == NbdMagic.ExtendedReplyMagic, token).ConfigureAwait(false);
                 }
                 else
                 {
@@ -99,24 +107,44 @@ internal sealed partial class NbdConnection
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask ReadChunkAsync(CancellationToken token)
+    private async ValueTask ReadChunkAsync(bool extended, CancellationToken token)
     {
-        if (!Export.StructuredReplies)
+        if (!extended && !Export.StructuredReplies)
         {
             throw new NbdProtocolException($"{Server} sent a structured reply chunk although structured replies were not negotiated");
         }
 
-        await _receive.EnsureAsync(StructuredReplyHeader.Length, "a reply", token).ConfigureAwait(false);
-        StructuredReplyHeader.TryRead(_receive.Span, out var header);
-        _receive.Consume(StructuredReplyHeader.Length);
-        var operation = Lookup(header.Cookie, header.Type);
-        var length = header.PayloadLength;
+        if (extended && !Export.ExtendedHeaders)
+        {
+            throw new NbdProtocolException($"{Server} sent an extended reply chunk although extended headers were not negotiated");
+        }
+
+        ReplyType type;
+        ulong cookie;
+        ulong length;
+        bool done;
+        if (extended)
+        {
+            await _receive.EnsureAsync(ExtendedReplyHeader.Length, "a reply", token).ConfigureAwait(false);
+            ExtendedReplyHeader.TryRead(_receive.Span, out var header);
+            _receive.Consume(ExtendedReplyHeader.Length);
+            (type, cookie, length, done) = (header.Type, header.Cookie, header.PayloadLength, header.IsDone);
+        }
+        else
+        {
+            await _receive.EnsureAsync(StructuredReplyHeader.Length, "a reply", token).ConfigureAwait(false);
+            StructuredReplyHeader.TryRead(_receive.Span, out var header);
+            _receive.Consume(StructuredReplyHeader.Length);
+            (type, cookie, length, done) = (header.Type, header.Cookie, header.PayloadLength, header.IsDone);
+        }
+
+        var operation = Lookup(cookie, type);
         try
         {
-            switch (header.Type)
+            switch (type)
             {
                 case ReplyType.None:
-                    if (length != 0 || !header.IsDone)
+                    if (length != 0 || !done)
                     {
                         throw Violation(operation, length != 0 ? $"a NONE chunk with {length} payload bytes" : "a NONE chunk without the DONE flag");
                     }
@@ -130,7 +158,7 @@ internal sealed partial class NbdConnection
                             throw Violation(operation, "an OFFSET_DATA chunk for a request that is not a READ");
                         }
 
-                        if (length < 9 || length - 8 > operation.Length)
+                        if (length < 9 || length - 8 > (ulong)operation.Length)
                         {
                             throw Violation(operation, $"an OFFSET_DATA chunk of {length} bytes");
                         }
@@ -177,12 +205,19 @@ internal sealed partial class NbdConnection
                         break;
                     }
 
+                case ReplyType.BlockStatus when extended:
+                    throw Violation(operation, "a BLOCK_STATUS chunk although extended headers were negotiated (BLOCK_STATUS_EXT is the only form then)");
+
                 case ReplyType.BlockStatus:
-                    await ReadBlockStatusAsync(operation, length, token).ConfigureAwait(false);
+                    await ReadBlockStatusAsync(operation, length, wide: false, token).ConfigureAwait(false);
                     break;
 
-                case ReplyType.BlockStatusExtended:
+                case ReplyType.BlockStatusExtended when !extended:
                     throw Violation(operation, "a BLOCK_STATUS_EXT chunk although extended headers were not negotiated");
+
+                case ReplyType.BlockStatusExtended:
+                    await ReadBlockStatusAsync(operation, length, wide: true, token).ConfigureAwait(false);
+                    break;
 
                 case ReplyType.Error:
                 case ReplyType.ErrorOffset:
@@ -193,9 +228,9 @@ internal sealed partial class NbdConnection
                         }
 
                         await _receive.EnsureAsync((int)length, "a reply", token).ConfigureAwait(false);
-                        if (!StructuredReplyChunks.TryReadError(_receive.Span[..(int)length], header.Type, out var error, out var message, out var errorOffset))
+                        if (!StructuredReplyChunks.TryReadError(_receive.Span[..(int)length], type, out var error, out var message, out var errorOffset))
                         {
-                            throw Violation(operation, $"a malformed {ChunkName(header.Type)} chunk (its message length overruns it)");
+                            throw Violation(operation, $"a malformed {ChunkName(type)} chunk (its message length overruns it)");
                         }
 
                         _receive.Consume((int)length);
@@ -206,22 +241,22 @@ internal sealed partial class NbdConnection
                     }
 
                 default:
-                    if (((ushort)header.Type & 0x8000) == 0)
+                    if (((ushort)type & 0x8000) == 0)
                     {
-                        throw Violation(operation, $"a chunk of unknown type {(ushort)header.Type}");
+                        throw Violation(operation, $"a chunk of unknown type {(ushort)type}");
                     }
 
                     // An unknown error type: the request failed; skip the payload and carry on (proto.md).
                     if (length > MaxErrorPayload)
                     {
-                        throw Violation(operation, $"an error chunk of unknown type {(ushort)header.Type} and {length} bytes");
+                        throw Violation(operation, $"an error chunk of unknown type {(ushort)type} and {length} bytes");
                     }
 
                     await _receive.EnsureAsync((int)length, "a reply", token).ConfigureAwait(false);
                     var unknownMessage = StructuredReplyChunks.TryReadError(_receive.Span[..(int)length], ReplyType.Error, out _, out var text, out _) ? text : null;
                     _receive.Consume((int)length);
                     operation.ReplyError ??= ServerError(operation, NbdError.InvalidArgument,
-                        $"unknown error chunk type 0x{(ushort)header.Type:x4}" + (string.IsNullOrEmpty(unknownMessage) ? string.Empty : ": " + unknownMessage), null);
+                        $"unknown error chunk type 0x{(ushort)type:x4}" + (string.IsNullOrEmpty(unknownMessage) ? string.Empty : ": " + unknownMessage), null);
                     break;
             }
         }
@@ -230,28 +265,48 @@ internal sealed partial class NbdConnection
             throw new EndOfStreamException($"{exception.Message} (in the reply to {operation})", exception);
         }
 
-        if (header.IsDone)
+        if (done)
         {
             FinishReply(operation);
         }
     }
 
+    /// <summary>
+    /// A BLOCK_STATUS chunk (u32 context id, n x (u32 length, u32 status)) or, with extended headers, a
+    /// BLOCK_STATUS_EXT chunk (u32 context id, u32 count, n x (u64 length, u64 status)). Only the context the request
+    /// asked for is kept; chunks for other selected contexts are read and dropped.
+    /// </summary>
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask ReadBlockStatusAsync(NbdOperation operation, uint length, CancellationToken token)
+    private async ValueTask ReadBlockStatusAsync(NbdOperation operation, ulong length, bool wide, CancellationToken token)
     {
         if (operation.Command != NbdCommand.BlockStatus)
         {
-            throw Violation(operation, "a BLOCK_STATUS chunk for a request that is not BLOCK_STATUS");
+            throw Violation(operation, $"a {(wide ? "BLOCK_STATUS_EXT" : "BLOCK_STATUS")} chunk for a request that is not BLOCK_STATUS");
         }
 
-        if (length < 12 || (length - 4) % 8 != 0 || length > MaxBlockStatusPayload)
+        var prefix = wide ? 8 : 4;
+        var descriptor = wide ? 16 : 8;
+        if (length < (ulong)(prefix + descriptor) || (length - (ulong)prefix) % (ulong)descriptor != 0 || length > (ulong)prefix + ((ulong)descriptor * MaxBlockStatusExtents))
         {
-            throw Violation(operation, $"a BLOCK_STATUS chunk of {length} bytes (it must be 4 + 8 n, n >= 1)");
+            throw Violation(operation, wide
+                ? $"a BLOCK_STATUS_EXT chunk of {length} bytes (it must be 8 + 16 n, n >= 1)"
+                : $"a BLOCK_STATUS chunk of {length} bytes (it must be 4 + 8 n, n >= 1)");
         }
 
-        await _receive.EnsureAsync(4, "a reply", token).ConfigureAwait(false);
+        var count = (length - (ulong)prefix) / (ulong)descriptor;
+        await _receive.EnsureAsync(prefix, "a reply", token).ConfigureAwait(false);
         var contextId = BinaryPrimitives.ReadUInt32BigEndian(_receive.Span);
-        _receive.Consume(4);
+        if (wide)
+        {
+            // The count must match the length (a zero count is not allowed either: n >= 1 descriptors were sent).
+            var stated = BinaryPrimitives.ReadUInt32BigEndian(_receive.Span[4..]);
+            if (stated != count)
+            {
+                throw Violation(operation, $"a BLOCK_STATUS_EXT chunk that says {stated} descriptors in {count}");
+            }
+        }
+
+        _receive.Consume(prefix);
         if (!_contextNames.TryGetValue(contextId, out var name))
         {
             throw Violation(operation, $"a BLOCK_STATUS chunk for context id {contextId}, which was never selected");
@@ -263,22 +318,27 @@ internal sealed partial class NbdConnection
             throw Violation(operation, $"two BLOCK_STATUS chunks for context '{name}'");
         }
 
-        var count = (length - 4) / 8;
         var extents = operation.Extents!;
-        for (var i = 0u; i < count; i++)
+        for (var i = 0ul; i < count; i++)
         {
-            await _receive.EnsureAsync(8, "a reply", token).ConfigureAwait(false);
-            var extentLength = BinaryPrimitives.ReadUInt32BigEndian(_receive.Span);
-            var flags = BinaryPrimitives.ReadUInt32BigEndian(_receive.Span[4..]);
-            _receive.Consume(8);
-            if (extentLength == 0)
+            await _receive.EnsureAsync(descriptor, "a reply", token).ConfigureAwait(false);
+            var extentLength = wide ? BinaryPrimitives.ReadUInt64BigEndian(_receive.Span) : BinaryPrimitives.ReadUInt32BigEndian(_receive.Span);
+            var status = wide ? BinaryPrimitives.ReadUInt64BigEndian(_receive.Span[8..]) : BinaryPrimitives.ReadUInt32BigEndian(_receive.Span[4..]);
+            _receive.Consume(descriptor);
+            if (extentLength == 0 || extentLength > long.MaxValue)
             {
-                throw Violation(operation, $"a BLOCK_STATUS extent of length 0 for context '{name}'");
+                throw Violation(operation, $"a BLOCK_STATUS extent of length {extentLength} for context '{name}'");
+            }
+
+            if (status > uint.MaxValue)
+            {
+                // Every context this client knows has 32-bit statuses; "the top 32 bits are zero" for them.
+                throw Violation(operation, $"a BLOCK_STATUS status 0x{status:x} wider than 32 bits for context '{name}'");
             }
 
             if (wanted)
             {
-                extents.Add(new BlockStatusExtent(extentLength, flags));
+                extents.Add(new StatusExtent((long)extentLength, (uint)status));
             }
         }
 

@@ -12,15 +12,19 @@ internal sealed partial class NbdConnection
     /// <summary>Write payload bytes per gathered send: enough to fill the socket, small enough to interleave.</summary>
     private const long MaxBatchBytes = 8L * 1024 * 1024;
 
+    /// <summary>The most header bytes one request takes: an extended header and a BLOCK_STATUS payload naming one context.</summary>
+    private const int MaxHeaderBytes = NbdLimits.ExtendedRequestHeaderLength + BlockStatusPayload.FixedLength + 4;
+
     /// <summary>
-    /// The writer loop: takes every request queued since the last send and sends them together, the 28-byte headers
-    /// packed into one buffer and each WRITE payload sent straight from the caller's memory (one sendmsg with an
+    /// The writer loop: takes every request queued since the last send and sends them together, the headers (28 or 32
+    /// bytes) packed into one buffer and each WRITE payload sent straight from the caller's memory (one sendmsg with an
     /// iovec per piece, no copy).
     /// </summary>
     private async Task WriteLoopAsync()
     {
         var reader = _sendQueue.Reader;
-        var headers = GC.AllocateUninitializedArray<byte>(MaxBatchRequests * NbdLimits.RequestHeaderLength, pinned: true);
+        var extended = Export.ExtendedHeaders;
+        var headers = GC.AllocateUninitializedArray<byte>(MaxBatchRequests * MaxHeaderBytes, pinned: true);
         var segments = new List<ArraySegment<byte>>((2 * MaxBatchRequests) + 1);
         var batch = new List<NbdOperation>(MaxBatchRequests);
         var token = _stopping.Token;
@@ -41,8 +45,7 @@ internal sealed partial class NbdConnection
                     }
 
                     batch.Add(operation);
-                    operation.ToRequest().WriteTo(headers.AsSpan(headerEnd));
-                    headerEnd += NbdLimits.RequestHeaderLength;
+                    headerEnd += WriteHeader(operation, extended, headers.AsSpan(headerEnd));
                     if (!operation.HasPayload || operation.Payload.IsEmpty)
                     {
                         continue;
@@ -93,6 +96,24 @@ internal sealed partial class NbdConnection
             EndSends(batch);
             Fail(exception);
         }
+    }
+
+    /// <summary>
+    /// Writes one request's header, and for a BLOCK_STATUS that only one of several negotiated contexts should answer
+    /// (the server offers NBD_FLAG_BLOCK_STATUS_PAYLOAD) the payload naming it, with this connection's id for it.
+    /// </summary>
+    private int WriteHeader(NbdOperation operation, bool extended, Span<byte> destination)
+    {
+        if (extended && operation.Command == NbdCommand.BlockStatus && Export.CanFilterBlockStatus && Export.MetaContexts.Count > 1
+            && operation.Context is { } context && Export.MetaContexts.TryGetValue(context, out var id))
+        {
+            var payloadLength = BlockStatusPayload.LengthFor(1);
+            var request = new NbdRequest(operation.Flags | CommandFlags.PayloadLength, NbdCommand.BlockStatus, operation.Cookie, (ulong)operation.Offset, (ulong)payloadLength, extended: true);
+            var written = request.WriteTo(destination);
+            return written + BlockStatusPayload.Write(destination[written..], (ulong)operation.Length, [id]);
+        }
+
+        return operation.ToRequest(extended).WriteTo(destination);
     }
 
     private static void EndSends(List<NbdOperation> batch)

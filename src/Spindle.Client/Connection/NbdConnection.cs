@@ -137,7 +137,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
                 (negotiator, token) => NegotiateAsync(negotiator, uri.ExportName, options, tls, token), cancellationToken).ConfigureAwait(false);
             var connection = new NbdConnection(id, negotiator.Transport, receive, export, options, logger);
             ClientLog.Negotiated(logger, id, transport.RemoteDescription, uri.ExportName, export.Size, export.Flags, export.Method,
-                export.StructuredReplies, export.MetaContexts.Count == 0 ? "none" : string.Join(", ", export.MetaContexts.Keys));
+                export.StructuredReplies, export.ExtendedHeaders, export.MetaContexts.Count == 0 ? "none" : string.Join(", ", export.MetaContexts.Keys));
             connection.Start();
             return connection;
         }
@@ -201,7 +201,9 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         var contexts = new Dictionary<string, uint>(StringComparer.Ordinal);
         if (fixedNewstyle && options.StructuredReplies)
         {
-            structured = await negotiator.RequestStructuredRepliesAsync(cancellationToken).ConfigureAwait(false);
+            // Extended headers first: they take precedence over structured replies and imply them.
+            structured = (options.ExtendedHeaders && options.UseGo && await negotiator.RequestExtendedHeadersAsync(cancellationToken).ConfigureAwait(false))
+                || await negotiator.RequestStructuredRepliesAsync(cancellationToken).ConfigureAwait(false);
         }
 
         if (structured && options.ListMetaContexts)
@@ -249,12 +251,13 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             Description = info.Description,
             Size = info.Size,
             RawFlags = info.Flags,
-            Flags = ExportInfo.Sanitize(info.Flags, structured),
+            Flags = ExportInfo.Sanitize(info.Flags, structured, negotiator.ExtendedHeaders),
             AdvertisedBlockSizes = info.BlockSizes,
             MaximumPayload = (int)Math.Max(maximum, minimum),
             HandshakeFlags = negotiator.ServerFlags,
             Method = method,
             StructuredReplies = structured,
+            ExtendedHeaders = negotiator.ExtendedHeaders,
             MetaContexts = contexts,
             AvailableMetaContexts = available,
             Tls = negotiator.IsTls,

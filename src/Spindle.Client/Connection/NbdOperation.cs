@@ -67,7 +67,7 @@ internal sealed class NbdOperation : IValueTaskSource
     public string? Context { get; private init; }
 
     /// <summary>BLOCK_STATUS: the extents received for <see cref="Context"/>.</summary>
-    public List<BlockStatusExtent>? Extents { get; private set; }
+    public List<StatusExtent>? Extents { get; private set; }
 
     /// <summary>The cookie on the connection it was last submitted to.</summary>
     public ulong Cookie { get; set; }
@@ -128,7 +128,13 @@ internal sealed class NbdOperation : IValueTaskSource
     public static NbdOperation Effect(NbdCommand command, long offset, long length, CommandFlags flags) =>
         new(command, flags, offset, length);
 
-    public NbdRequest ToRequest() => new(Flags, Command, Cookie, (ulong)Offset, (uint)Length);
+    /// <summary>
+    /// The request header: compact (32-bit length), or extended (64-bit length; a WRITE says its payload follows with
+    /// NBD_CMD_FLAG_PAYLOAD_LEN, which extended headers make mandatory).
+    /// </summary>
+    public NbdRequest ToRequest(bool extended) => extended
+        ? new(HasPayload ? Flags | CommandFlags.PayloadLength : Flags, Command, Cookie, (ulong)Offset, (ulong)Length, extended: true)
+        : new(Flags, Command, Cookie, (ulong)Offset, checked((uint)Length));
 
     public ValueTask AsValueTask() => new(this, _core.Version);
 
@@ -418,3 +424,6 @@ internal sealed class NbdOperation : IValueTaskSource
         }
     }
 }
+
+/// <summary>One run of a BLOCK_STATUS answer as received: a length (64 bits with extended headers) and a status word.</summary>
+internal readonly record struct StatusExtent(long Length, uint Flags);

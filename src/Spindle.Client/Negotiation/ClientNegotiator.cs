@@ -37,6 +37,9 @@ internal sealed class ClientNegotiator
 
     public bool StructuredReplies { get; private set; }
 
+    /// <summary>True once NBD_OPT_EXTENDED_HEADERS was acknowledged (which implies structured replies).</summary>
+    public bool ExtendedHeaders { get; private set; }
+
     /// <summary>The transport options go over now: the socket, or TLS after <see cref="StartTlsAsync"/>.</summary>
     public Transport Transport => _transport;
 
@@ -89,6 +92,7 @@ internal sealed class ClientNegotiator
 
         // proto.md: all state negotiated before STARTTLS is forgotten; nothing but the client flags was sent.
         StructuredReplies = false;
+        ExtendedHeaders = false;
         ClientLog.TlsStarted(_logger, _server, secure.Summary, tls.ToString());
     }
 
@@ -132,6 +136,32 @@ internal sealed class ClientNegotiator
     }
 
     /// <summary>NBD_OPT_STRUCTURED_REPLY. False (and simple replies) if the server refuses.</summary>
+    /// <summary>
+    /// NBD_OPT_EXTENDED_HEADERS (extension-ext-header). True when the server acknowledged: requests and replies are
+    /// then 32-byte headers with 64-bit lengths, and structured replies are implied. A refusal is not an error.
+    /// </summary>
+    public async Task<bool> RequestExtendedHeadersAsync(CancellationToken cancellationToken)
+    {
+        RequireFixedNewstyle(NbdOption.ExtendedHeaders);
+        await SendOptionAsync(NbdOption.ExtendedHeaders, [], cancellationToken).ConfigureAwait(false);
+        var reply = await ReadReplyAsync(NbdOption.ExtendedHeaders, cancellationToken).ConfigureAwait(false);
+        if (reply.Type == OptionReplyType.Ack)
+        {
+            ExtendedHeaders = true;
+            StructuredReplies = true;
+            return true;
+        }
+
+        ThrowIfFinalError(NbdOption.ExtendedHeaders, reply, refusable: true);
+        if (!reply.IsError)
+        {
+            throw Unexpected(NbdOption.ExtendedHeaders, reply);
+        }
+
+        ClientLog.OptionRefused(_logger, _server, OptionName(NbdOption.ExtendedHeaders), reply.Type, reply.Message);
+        return false;
+    }
+
     public async Task<bool> RequestStructuredRepliesAsync(CancellationToken cancellationToken)
     {
         RequireFixedNewstyle(NbdOption.StructuredReply);
@@ -261,6 +291,9 @@ internal sealed class ClientNegotiator
                     }
 
                     return result;
+                case OptionReplyType.ErrorUnsupported when option == NbdOption.Go && ExtendedHeaders:
+                    // The extension: after extended headers the server MUST support GO (EXPORT_NAME is then forbidden).
+                    throw new NbdProtocolException($"{_server} acknowledged extended headers but does not support NBD_OPT_GO");
                 case OptionReplyType.ErrorUnsupported:
                     ClientLog.OptionRefused(_logger, _server, OptionName(option), reply.Type, reply.Message);
                     if (option == NbdOption.Go)

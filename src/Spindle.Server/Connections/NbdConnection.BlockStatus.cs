@@ -14,13 +14,13 @@ internal sealed partial class NbdConnection
     private ValueTask CollectStatusAsync(TransmissionRequest work, BlockDevice device, CancellationToken cancellationToken)
     {
         var request = work.Header;
-        var contexts = _negotiator.Contexts;
+        var contexts = work.Contexts;
         var capacity = (request.Flags & CommandFlags.RequestOne) != 0 ? 1 : _options.MaxExtentsPerReply;
         var lists = work.StatusLists(contexts.Count, Math.Min(_options.MaxExtentsPerReply, 64));
         for (var i = 0; i < contexts.Count; i++)
         {
             lists[i].Clear(capacity);
-            var pending = Collect(contexts[i], lists[i], device, (long)request.Offset, (long)request.Length, cancellationToken);
+            var pending = Collect(contexts[i], lists[i], device, (long)request.Offset, (long)work.EffectLength, cancellationToken);
             if (!pending.IsCompletedSuccessfully)
             {
                 return CollectRestAsync(pending, i, work, device, cancellationToken);
@@ -34,12 +34,12 @@ internal sealed partial class NbdConnection
     {
         await pending.ConfigureAwait(false);
         var request = work.Header;
-        var contexts = _negotiator.Contexts;
+        var contexts = work.Contexts;
         var lists = work.StatusLists(contexts.Count, 0);
         for (var i = index + 1; i < contexts.Count; i++)
         {
             lists[i].Clear(lists[index].MaxCount);
-            await Collect(contexts[i], lists[i], device, (long)request.Offset, (long)request.Length, cancellationToken).ConfigureAwait(false);
+            await Collect(contexts[i], lists[i], device, (long)request.Offset, (long)work.EffectLength, cancellationToken).ConfigureAwait(false);
         }
     }
 
@@ -63,7 +63,7 @@ internal sealed partial class NbdConnection
     /// <summary>Every context must describe at least the first byte of the request.</summary>
     private BlockDeviceException? CheckStatus(TransmissionRequest work)
     {
-        var contexts = _negotiator.Contexts;
+        var contexts = work.Contexts;
         var lists = work.StatusLists(contexts.Count, 0);
         for (var i = 0; i < contexts.Count; i++)
         {

@@ -1,5 +1,6 @@
 using Spindle.Protocol;
 using Spindle.Server.Logging;
+using Spindle.Server.Negotiation;
 using Spindle.Storage;
 using Spindle.Wire;
 
@@ -91,17 +92,19 @@ internal sealed partial class NbdConnection
         var input = _input;
         var writer = _writer!;
         var budget = _budget!;
+        var extended = _negotiator.ExtendedHeaders;
+        var headerLength = NbdRequest.HeaderLengthFor(extended);
         var heldReplies = 0;
         var heldBytes = 0L;
         while (true)
         {
-            if (input.Count < NbdLimits.RequestHeaderLength)
+            if (input.Count < headerLength)
             {
                 // About to wait for the client: everything answered so far goes out now.
                 writer.Release();
                 heldReplies = 0;
                 heldBytes = 0;
-                if (!await input.TryEnsureAsync(NbdLimits.RequestHeaderLength, cancellationToken).ConfigureAwait(false))
+                if (!await input.TryEnsureAsync(headerLength, cancellationToken).ConfigureAwait(false))
                 {
                     return "peer closed";
                 }
@@ -109,34 +112,50 @@ internal sealed partial class NbdConnection
 
             writer.Hold();
             Touch();
-            if (NbdRequest.TryRead(input.Span, out var request) != ParseStatus.Done)
+            if (NbdRequest.TryRead(input.Span, extended, out var request) != ParseStatus.Done)
             {
-                ServerLog.ProtocolViolation(_logger, Id, Peer, "request does not start with NBD_REQUEST_MAGIC; the stream is out of step");
+                ServerLog.ProtocolViolation(_logger, Id, Peer, $"request does not start with {(extended ? "NBD_EXTENDED_REQUEST_MAGIC" : "NBD_REQUEST_MAGIC")}; the stream is out of step");
                 return "bad request magic";
             }
 
-            input.Consume(NbdLimits.RequestHeaderLength);
+            input.Consume(headerLength);
             if (request.Command == NbdCommand.Disconnect)
             {
                 ServerLog.SoftDisconnect(_logger, Id, Peer, "NBD_CMD_DISC");
                 return "NBD_CMD_DISC";
             }
 
+            if (request.HasPayload && request.WirePayloadLength > (ulong)_options.MaxDiscardedPayload)
+            {
+                // Limit, then discard: a payload this large is an attack, not a mistake (proto.md §"Size constraints").
+                ServerLog.ProtocolViolation(_logger, Id, Peer, $"{request} carries {request.WirePayloadLength} bytes, too many to discard");
+                return "oversized payload";
+            }
+
             string? reason = null;
-            var error = _server.IsStopping ? NbdError.Shutdown : Validate(request, out reason);
+            var payloadLeft = request.WirePayloadLength;
+            var effectLength = request.HasPayload && request.Command != NbdCommand.Write ? 0 : request.LongLength;
+            IReadOnlyList<SelectedContext> contexts = _negotiator.Contexts;
+            var error = _server.IsStopping ? NbdError.Shutdown : CheckPayload(request, out reason);
+            if (error == NbdError.None && request.HasPayload && request.Command == NbdCommand.BlockStatus)
+            {
+                writer.Release();
+                (error, reason, effectLength, contexts) = await ReadStatusPayloadAsync(request, cancellationToken).ConfigureAwait(false);
+                payloadLeft = 0;
+            }
+
+            if (error == NbdError.None)
+            {
+                error = Validate(request, effectLength, out reason);
+            }
+
             if (error != NbdError.None)
             {
-                if (request.HasPayload)
+                if (payloadLeft > 0)
                 {
-                    if (request.Length > _options.MaxDiscardedPayload)
-                    {
-                        ServerLog.ProtocolViolation(_logger, Id, Peer, $"{request} carries {request.Length} bytes, too many to discard");
-                        return "oversized payload";
-                    }
-
-                    // The refused WRITE's data is still read, so the next header is where it should be.
+                    // The refused request's data is still read, so the next header is where it should be.
                     writer.Release();
-                    await input.DiscardAsync(request.Length, "a refused request's payload", cancellationToken).ConfigureAwait(false);
+                    await input.DiscardAsync((long)payloadLeft, "a refused request's payload", cancellationToken).ConfigureAwait(false);
                 }
 
                 if (error != NbdError.Shutdown)
@@ -145,16 +164,16 @@ internal sealed partial class NbdConnection
                 }
 
                 await AcquireAsync(budget, 0, cancellationToken).ConfigureAwait(false);
-                var refused = RentRequest(request);
+                var refused = RentRequest(request, effectLength, contexts);
                 refused.Fail(error, error == NbdError.Shutdown ? "the server is shutting down" : reason, fromBackend: false);
                 refused.BuildError(_negotiator.StructuredReplies);
                 writer.Enqueue(refused);
                 continue;
             }
 
-            var payloadBytes = request.Command is NbdCommand.Read or NbdCommand.Write ? (int)request.Length : 0;
+            var payloadBytes = request.Command is NbdCommand.Read or NbdCommand.Write ? (int)effectLength : 0;
             await AcquireAsync(budget, payloadBytes, cancellationToken).ConfigureAwait(false);
-            var work = RentRequest(request);
+            var work = RentRequest(request, effectLength, contexts);
             work.BudgetBytes = payloadBytes;
             work.RentPayload(payloadBytes);
             if (request.Command == NbdCommand.Write)
@@ -273,10 +292,10 @@ internal sealed partial class NbdConnection
         {
             switch (request.Command)
             {
-                case NbdCommand.Read when request.Length == 0 || device.TryReadImmediate((long)request.Offset, work.PayloadMemory.Span):
+                case NbdCommand.Read when work.EffectLength == 0 || device.TryReadImmediate((long)request.Offset, work.PayloadMemory.Span):
                     break;
                 case NbdCommand.Write when (request.Flags & CommandFlags.Fua) == 0
-                                           && (request.Length == 0 || device.TryWriteImmediate((long)request.Offset, work.PayloadMemory.Span)):
+                                           && (work.EffectLength == 0 || device.TryWriteImmediate((long)request.Offset, work.PayloadMemory.Span)):
                     break;
                 default:
                     return false;
@@ -297,7 +316,7 @@ internal sealed partial class NbdConnection
     /// or flag (EINVAL), writes to a read-only export (EPERM), size and alignment (EINVAL), range (ENOSPC for writes,
     /// EINVAL for the rest).
     /// </summary>
-    private NbdError Validate(in NbdRequest request, out string? reason)
+    private NbdError Validate(in NbdRequest request, ulong length, out string? reason)
     {
         var command = request.Command;
         if (command is not (NbdCommand.Read or NbdCommand.Write or NbdCommand.Flush or NbdCommand.Trim or NbdCommand.Cache
@@ -325,6 +344,12 @@ internal sealed partial class NbdConnection
             case NbdCommand.BlockStatus:
                 allowed |= CommandFlags.RequestOne;
                 break;
+        }
+
+        if (request.IsExtended && command is NbdCommand.Write or NbdCommand.BlockStatus)
+        {
+            // Its payload (checked in CheckPayload) is how the command says what it carries.
+            allowed |= CommandFlags.PayloadLength;
         }
 
         if ((request.Flags & ~allowed) != 0)
@@ -362,7 +387,7 @@ internal sealed partial class NbdConnection
 
         if (command == NbdCommand.Flush)
         {
-            if (request.Offset != 0 || request.Length != 0)
+            if (request.Offset != 0 || length != 0)
             {
                 reason = "FLUSH must have offset and length 0";
                 return NbdError.InvalidArgument;
@@ -372,27 +397,29 @@ internal sealed partial class NbdConnection
             return NbdError.None;
         }
 
-        if (command is NbdCommand.Read or NbdCommand.Write or NbdCommand.Cache && request.Length > (uint)_options.MaxPayload)
+        // READ and WRITE move data; a compact CACHE keeps its old bound. Extended TRIM, WRITE_ZEROES, CACHE and
+        // BLOCK_STATUS may cover a whole multi-terabyte export in one request.
+        if ((command is NbdCommand.Read or NbdCommand.Write || (command == NbdCommand.Cache && !request.IsExtended)) && length > (uint)_options.MaxPayload)
         {
-            reason = $"length {request.Length} exceeds the maximum block size {_options.MaxPayload}";
+            reason = $"length {length} exceeds the maximum block size {_options.MaxPayload}";
             return NbdError.InvalidArgument;
         }
 
         var minimum = export.BlockSizes.Minimum;
-        if (minimum > 1 && (request.Offset % minimum != 0 || request.Length % minimum != 0))
+        if (minimum > 1 && (request.Offset % minimum != 0 || length % minimum != 0))
         {
-            reason = $"offset {request.Offset} and length {request.Length} must be multiples of the minimum block size {minimum}";
+            reason = $"offset {request.Offset} and length {length} must be multiples of the minimum block size {minimum}";
             return NbdError.InvalidArgument;
         }
 
         var size = (ulong)export.Size;
-        if (request.Offset > size || request.Length > size - request.Offset)
+        if (request.Offset > size || length > size - request.Offset)
         {
-            reason = $"range {request.Offset}+{request.Length} is beyond the end of the export ({size} bytes)";
+            reason = $"range {request.Offset}+{length} is beyond the end of the export ({size} bytes)";
             return command is NbdCommand.Write or NbdCommand.WriteZeroes ? NbdError.NoSpace : NbdError.InvalidArgument;
         }
 
-        if (command == NbdCommand.BlockStatus && request.Length == 0)
+        if (command == NbdCommand.BlockStatus && length == 0)
         {
             reason = "BLOCK_STATUS needs a non-zero length";
             return NbdError.InvalidArgument;
@@ -431,20 +458,21 @@ internal sealed partial class NbdConnection
         var request = work.Header;
         var device = _export!.Device;
         var offset = (long)request.Offset;
+        var length = (long)work.EffectLength;
         var fua = (request.Flags & CommandFlags.Fua) != 0;
         var token = _server.AbortToken;
         switch (request.Command)
         {
             case NbdCommand.Read:
-                return request.Length == 0 ? ValueTask.CompletedTask : device.ReadAsync(offset, work.PayloadMemory, token);
+                return length == 0 ? ValueTask.CompletedTask : device.ReadAsync(offset, work.PayloadMemory, token);
             case NbdCommand.Write:
-                return request.Length == 0 ? ValueTask.CompletedTask : device.WriteAsync(offset, work.PayloadMemory, fua, token);
+                return length == 0 ? ValueTask.CompletedTask : device.WriteAsync(offset, work.PayloadMemory, fua, token);
             case NbdCommand.Flush:
                 return device.FlushAsync(token);
             case NbdCommand.Trim:
-                return request.Length == 0 ? ValueTask.CompletedTask : device.TrimAsync(offset, request.Length, fua, token);
+                return length == 0 ? ValueTask.CompletedTask : device.TrimAsync(offset, length, fua, token);
             case NbdCommand.WriteZeroes:
-                if (request.Length == 0)
+                if (length == 0)
                 {
                     return ValueTask.CompletedTask;
                 }
@@ -452,9 +480,9 @@ internal sealed partial class NbdConnection
                 var zeroFlags = (fua ? ZeroFlags.Fua : ZeroFlags.None) |
                                 ((request.Flags & CommandFlags.NoHole) != 0 ? ZeroFlags.NoHole : ZeroFlags.None) |
                                 ((request.Flags & CommandFlags.FastZero) != 0 ? ZeroFlags.FastOnly : ZeroFlags.None);
-                return device.WriteZeroesAsync(offset, request.Length, zeroFlags, token);
+                return device.WriteZeroesAsync(offset, length, zeroFlags, token);
             case NbdCommand.Cache:
-                return request.Length == 0 ? ValueTask.CompletedTask : device.CacheAsync(offset, request.Length, token);
+                return length == 0 ? ValueTask.CompletedTask : device.CacheAsync(offset, length, token);
             case NbdCommand.BlockStatus:
                 return CollectStatusAsync(work, device, token);
             default:
@@ -500,7 +528,7 @@ internal sealed partial class NbdConnection
                     work.BuildReadSuccess(_negotiator.StructuredReplies, (request.Flags & CommandFlags.DontFragment) != 0);
                     break;
                 case NbdCommand.BlockStatus:
-                    work.BuildBlockStatus(_negotiator.Contexts, (request.Flags & CommandFlags.RequestOne) != 0);
+                    work.BuildBlockStatus((request.Flags & CommandFlags.RequestOne) != 0);
                     break;
                 default:
                     work.BuildSimpleSuccess();
@@ -520,7 +548,7 @@ internal sealed partial class NbdConnection
         _ => (NbdError.IO, $"internal error: {exception.GetType().Name}: {exception.Message}"),
     };
 
-    private TransmissionRequest RentRequest(in NbdRequest request)
+    private TransmissionRequest RentRequest(in NbdRequest request, ulong effectLength, IReadOnlyList<SelectedContext> contexts)
     {
         TransmissionRequest? work;
         lock (_freeLock)
@@ -531,6 +559,8 @@ internal sealed partial class NbdConnection
         work ??= new TransmissionRequest(this);
 
         work.Header = request;
+        work.EffectLength = effectLength;
+        work.Contexts = contexts;
         return work;
     }
 

@@ -27,6 +27,15 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
 
     public NbdRequest Header { get; set; }
 
+    /// <summary>
+    /// The length the command acts on: the header's length, except for a BLOCK_STATUS whose payload (extended headers)
+    /// carries it. For READ and WRITE it is also the payload's size.
+    /// </summary>
+    public ulong EffectLength { get; set; }
+
+    /// <summary>The metadata contexts a BLOCK_STATUS answers: every selected one, or those its payload names.</summary>
+    public IReadOnlyList<SelectedContext> Contexts { get; set; } = [];
+
     /// <summary>WRITE data received, or the buffer a READ fills. Pooled.</summary>
     public byte[]? Payload { get; private set; }
 
@@ -91,11 +100,14 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
         }
     }
 
-    /// <summary>A success with no payload: a 16-byte simple reply (allowed for every command but READ).</summary>
+    /// <summary>
+    /// A success with no payload: a 16-byte simple reply (allowed for every command but READ), or with extended headers
+    /// (which forbid simple replies) a NONE chunk.
+    /// </summary>
     public void BuildSimpleSuccess()
     {
         ResetReply();
-        var length = SimpleReply.Write(_reply, NbdError.None, Header.Cookie);
+        var length = Header.IsExtended ? StructuredReplyChunks.WriteNone(_reply, Header) : SimpleReply.Write(_reply, NbdError.None, Header.Cookie);
         AddReplySegment(0, length);
     }
 
@@ -103,7 +115,7 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
     public void BuildError(bool structured)
     {
         ResetReply();
-        if (!structured)
+        if (!structured && !Header.IsExtended)
         {
             AddReplySegment(0, SimpleReply.Write(_reply, Error, Header.Cookie));
             return;
@@ -115,11 +127,11 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
             message = message[..1024];
         }
 
-        var withOffset = IsBackendError && Header.Command is not (NbdCommand.Flush or NbdCommand.Disconnect) && Header.Length > 0;
-        EnsureReplyCapacity(StructuredReplyChunks.ErrorOffsetLength(message));
+        var withOffset = IsBackendError && Header.Command is not (NbdCommand.Flush or NbdCommand.Disconnect) && EffectLength > 0;
+        EnsureReplyCapacity(StructuredReplyChunks.ErrorOffsetLength(message, Header.IsExtended));
         var length = withOffset
-            ? StructuredReplyChunks.WriteErrorOffset(_reply, ReplyFlags.Done, Header.Cookie, Error, message, Header.Offset)
-            : StructuredReplyChunks.WriteError(_reply, ReplyFlags.Done, Header.Cookie, Error, message);
+            ? StructuredReplyChunks.WriteErrorOffset(_reply, ReplyFlags.Done, Header, Error, message, Header.Offset)
+            : StructuredReplyChunks.WriteError(_reply, ReplyFlags.Done, Header, Error, message);
         AddReplySegment(0, length);
     }
 
@@ -135,7 +147,7 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
         ResetReply();
         var cookie = Header.Cookie;
         var length = PayloadLength;
-        if (!structured)
+        if (!structured && !Header.IsExtended)
         {
             AddReplySegment(0, SimpleReply.Write(_reply, NbdError.None, cookie));
             if (length > 0)
@@ -148,7 +160,7 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
 
         if (length == 0)
         {
-            AddReplySegment(0, StructuredReplyChunks.WriteNone(_reply, cookie));
+            AddReplySegment(0, StructuredReplyChunks.WriteNone(_reply, Header));
             return;
         }
 
@@ -157,11 +169,11 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
         {
             if (!data.ContainsAnyExcept((byte)0))
             {
-                AddReplySegment(0, StructuredReplyChunks.WriteOffsetHole(_reply, ReplyFlags.Done, cookie, Header.Offset, (uint)length));
+                AddReplySegment(0, StructuredReplyChunks.WriteOffsetHole(_reply, ReplyFlags.Done, Header, Header.Offset, (uint)length));
             }
             else
             {
-                AddReplySegment(0, StructuredReplyChunks.WriteOffsetDataPrefix(_reply, ReplyFlags.Done, cookie, Header.Offset, length));
+                AddReplySegment(0, StructuredReplyChunks.WriteOffsetDataPrefix(_reply, ReplyFlags.Done, Header, Header.Offset, length));
                 AddSegment(new ArraySegment<byte>(Payload!, 0, length));
             }
 
@@ -173,7 +185,7 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
 
         // Walk the runs once to count them, so the chunk headers can be sized and the last one marked DONE.
         var runs = CountRuns(data, offset, granule);
-        EnsureReplyCapacity(runs * StructuredReplyChunks.OffsetHoleLength);
+        EnsureReplyCapacity(runs * StructuredReplyChunks.OffsetHoleLengthFor(Header.IsExtended));
         var replyPosition = 0;
         var position = 0;
         var run = 0;
@@ -188,13 +200,13 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
             var flags = ++run == runs ? ReplyFlags.Done : ReplyFlags.None;
             if (isHole)
             {
-                var written = StructuredReplyChunks.WriteOffsetHole(_reply.AsSpan(replyPosition), flags, cookie, offset + (ulong)position, (uint)(end - position));
+                var written = StructuredReplyChunks.WriteOffsetHole(_reply.AsSpan(replyPosition), flags, Header, offset + (ulong)position, (uint)(end - position));
                 AddReplySegment(replyPosition, written);
                 replyPosition += written;
             }
             else
             {
-                var written = StructuredReplyChunks.WriteOffsetDataPrefix(_reply.AsSpan(replyPosition), flags, cookie, offset + (ulong)position, end - position);
+                var written = StructuredReplyChunks.WriteOffsetDataPrefix(_reply.AsSpan(replyPosition), flags, Header, offset + (ulong)position, end - position);
                 AddReplySegment(replyPosition, written);
                 AddSegment(new ArraySegment<byte>(Payload!, position, end - position));
                 replyPosition += written;
@@ -205,16 +217,19 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
     }
 
     /// <summary>
-    /// One BLOCK_STATUS chunk per selected context, from the collected status lists, clipped to the request; the
-    /// last chunk carries DONE.
+    /// One BLOCK_STATUS chunk per answered context (BLOCK_STATUS_EXT with extended headers), from the collected status
+    /// lists, clipped to the request; the last chunk carries DONE.
     /// </summary>
-    public void BuildBlockStatus(IReadOnlyList<SelectedContext> contexts, bool requestOne)
+    public void BuildBlockStatus(bool requestOne)
     {
         ResetReply();
+        var extended = Header.IsExtended;
+        var contexts = Contexts;
         var total = 0;
         for (var c = 0; c < contexts.Count; c++)
         {
-            total += StructuredReplyChunks.BlockStatusLength(requestOne ? 1 : _statusLists[c].Count);
+            var count = requestOne ? 1 : _statusLists[c].Count;
+            total += extended ? StructuredReplyChunks.BlockStatusExtendedLength(count) : StructuredReplyChunks.BlockStatusLength(count);
         }
 
         EnsureReplyCapacity(total);
@@ -223,22 +238,38 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
         {
             var extents = _statusLists[c].Items;
             var count = requestOne ? 1 : extents.Length;
-            var remaining = (long)Header.Length;
+            var remaining = (long)EffectLength;
             var used = 0;
-            var position = start + StructuredReplyChunks.BlockStatusLength(0);
+            var position = start + (extended ? StructuredReplyChunks.BlockStatusExtendedLength(0) : StructuredReplyChunks.BlockStatusLength(0));
             for (var i = 0; i < count && remaining > 0; i++)
             {
                 // Extents never describe more than was asked: the last one is clipped to the request's end.
                 var extentLength = Math.Min(extents[i].Length, remaining);
-                BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position), (uint)extentLength);
-                BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position + 4), extents[i].Status);
-                position += 8;
+                if (extended)
+                {
+                    position += StructuredReplyChunks.WriteBlockStatusExtendedDescriptor(_reply.AsSpan(position), new ExtendedBlockStatusExtent((ulong)extentLength, extents[i].Status));
+                }
+                else
+                {
+                    BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position), (uint)extentLength);
+                    BinaryPrimitives.WriteUInt32BigEndian(_reply.AsSpan(position + 4), extents[i].Status);
+                    position += 8;
+                }
+
                 remaining -= extentLength;
                 used++;
             }
 
             var flags = c == contexts.Count - 1 ? ReplyFlags.Done : ReplyFlags.None;
-            StructuredReplyChunks.WriteBlockStatusHeader(_reply.AsSpan(start), flags, Header.Cookie, contexts[c].Id, used);
+            if (extended)
+            {
+                StructuredReplyChunks.WriteBlockStatusExtendedHeader(_reply.AsSpan(start), flags, Header, contexts[c].Id, used);
+            }
+            else
+            {
+                StructuredReplyChunks.WriteBlockStatusHeader(_reply.AsSpan(start), flags, Header.Cookie, contexts[c].Id, used);
+            }
+
             AddReplySegment(start, position - start);
             start = position;
         }

@@ -125,11 +125,14 @@ public sealed class Export : IAsyncDisposable
     public int ConnectionCount => Volatile.Read(ref _connections);
 
     /// <summary>
-    /// The transmission flags for a connection. SEND_DF is only set once structured replies are negotiated
-    /// (proto.md: it "MUST [be left] clear if structured replies have not been negotiated").
+    /// The transmission flags for a connection. SEND_DF is only set once structured replies (or extended headers)
+    /// are negotiated (proto.md: it "MUST [be left] clear if structured replies have not been negotiated"), and
+    /// BLOCK_STATUS_PAYLOAD only with extended headers (the extension: it "MUST NOT be advertised unless extended
+    /// headers were negotiated").
     /// </summary>
-    public TransmissionFlags FlagsFor(bool structuredReplies) =>
-        structuredReplies ? _flags | TransmissionFlags.SendDf : _flags;
+    public TransmissionFlags FlagsFor(bool structuredReplies, bool extendedHeaders = false) =>
+        (structuredReplies || extendedHeaders ? _flags | TransmissionFlags.SendDf : _flags) |
+        (extendedHeaders ? TransmissionFlags.BlockStatusPayload : TransmissionFlags.None);
 
     /// <summary>Counts a connection in, unless the export's connection limit is reached.</summary>
     internal bool TryConnect()

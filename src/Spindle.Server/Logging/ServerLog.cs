@@ -33,8 +33,8 @@ internal static partial class ServerLog
     [LoggerMessage(9, LogLevel.Information, "[{ConnectionId}] {Peer}: option {Option} refused with {Reply}: {Reason}")]
     public static partial void OptionRefused(ILogger logger, long connectionId, string peer, string option, OptionReplyType reply, string reason);
 
-    [LoggerMessage(10, LogLevel.Information, "[{ConnectionId}] {Peer}: export {Export} ({Size} bytes, flags {Flags}), structured replies {Structured}, block status {BlockStatus}")]
-    public static partial void ExportSelected(ILogger logger, long connectionId, string peer, string export, long size, TransmissionFlags flags, bool structured, bool blockStatus);
+    [LoggerMessage(10, LogLevel.Information, "[{ConnectionId}] {Peer}: export {Export} ({Size} bytes, flags {Flags}), structured replies {Structured}, extended headers {Extended}, block status {BlockStatus}")]
+    public static partial void ExportSelected(ILogger logger, long connectionId, string peer, string export, long size, TransmissionFlags flags, bool structured, bool extended, bool blockStatus);
 
     [LoggerMessage(11, LogLevel.Warning, "[{ConnectionId}] {Peer}: {Request} refused with {Error}: {Reason}")]
     public static partial void RequestRefused(ILogger logger, long connectionId, string peer, NbdRequest request, string error, string reason);

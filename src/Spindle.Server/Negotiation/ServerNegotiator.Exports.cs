@@ -38,6 +38,14 @@ internal sealed partial class ServerNegotiator
             return NegotiationOutcome.Refused;
         }
 
+        if (ExtendedHeaders)
+        {
+            // The extension: after extended headers the client MUST NOT use EXPORT_NAME (it has no way to say which
+            // header form the export-name reply would take); the option cannot report errors, so the answer is to close.
+            ServerLog.ProtocolViolation(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS");
+            return NegotiationOutcome.Refused;
+        }
+
         var (export, refusal, reason) = Resolve(name);
         if (export is null || !export.TryConnect())
         {
@@ -47,7 +55,7 @@ internal sealed partial class ServerNegotiator
             return NegotiationOutcome.Refused;
         }
 
-        var flags = export.FlagsFor(StructuredReplies);
+        var flags = export.FlagsFor(StructuredReplies, ExtendedHeaders);
         var span = _output.GetSpan(ExportNameReply.FullLength);
         _output.Advance(ExportNameReply.Write(span, (ulong)export.Size, flags, _clientNoZeroes));
         EnterTransmission(export, name);
@@ -122,7 +130,7 @@ internal sealed partial class ServerNegotiator
         }
 
         Span<byte> info = stackalloc byte[InfoReplies.BlockSizeLength];
-        var flags = export.FlagsFor(StructuredReplies);
+        var flags = export.FlagsFor(StructuredReplies, ExtendedHeaders);
         WriteReply(option, OptionReplyType.Info, info[..InfoReplies.WriteExport(info, (ulong)export.Size, flags)]);
         foreach (var requested in request.Requests.Distinct())
         {
@@ -156,14 +164,14 @@ internal sealed partial class ServerNegotiator
     {
         Export = export;
         RequestedName = requestedName;
-        Flags = export.FlagsFor(StructuredReplies);
+        Flags = export.FlagsFor(StructuredReplies, ExtendedHeaders);
         if (_contextExport != requestedName)
         {
             // Contexts chosen for another name do not carry over (proto.md: SET_META_CONTEXT names the export).
             _selected.Clear();
         }
 
-        ServerLog.ExportSelected(_logger, Id, Peer, export.Name, export.Size, Flags, StructuredReplies, _selected.Count > 0);
+        ServerLog.ExportSelected(_logger, Id, Peer, export.Name, export.Size, Flags, StructuredReplies, ExtendedHeaders, _selected.Count > 0);
     }
 
     /// <summary>The TLS mode of this connection: NOTLS unless the server has TLS and the client speaks fixed newstyle.</summary>

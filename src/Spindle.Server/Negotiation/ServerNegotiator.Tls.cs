@@ -75,7 +75,8 @@ internal sealed partial class ServerNegotiator
         _transport = secure;
         _input.ReplaceTransport(secure);
         _tlsActive = true;
-        StructuredReplies = false;
+        _structuredReplies = false;
+        ExtendedHeaders = false;
         _selected.Clear();
         _contextExport = null;
         ServerLog.TlsStarted(_logger, Id, Peer, secure.Protocol.ToString(), _identity?.ToString() ?? "no client certificate");

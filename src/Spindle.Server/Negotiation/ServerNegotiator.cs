@@ -41,6 +41,7 @@ internal sealed partial class ServerNegotiator : IDisposable
     private Transport _transport;
     private bool _clientNoZeroes;
     private bool _fixedNewstyle;
+    private bool _structuredReplies;
     private int _optionCount;
 
     public ServerNegotiator(NbdServer server, Transport transport, ReceiveBuffer input, long id, string peer)
@@ -61,8 +62,14 @@ internal sealed partial class ServerNegotiator : IDisposable
     /// <summary>The transport to carry on with: the one given, or TLS over it after STARTTLS.</summary>
     public Transport Transport => _transport;
 
-    /// <summary>Whether structured replies were negotiated (NBD_OPT_STRUCTURED_REPLY).</summary>
-    public bool StructuredReplies { get; private set; }
+    /// <summary>
+    /// Whether replies may be chunks: structured replies were negotiated (NBD_OPT_STRUCTURED_REPLY), or extended
+    /// headers, which take precedence over them and imply them.
+    /// </summary>
+    public bool StructuredReplies => _structuredReplies || ExtendedHeaders;
+
+    /// <summary>Whether NBD_OPT_EXTENDED_HEADERS was negotiated: 32-byte requests and replies, 64-bit lengths.</summary>
+    public bool ExtendedHeaders { get; private set; }
 
     /// <summary>The export the client entered transmission with.</summary>
     public Export? Export { get; private set; }
@@ -240,7 +247,8 @@ internal sealed partial class ServerNegotiator : IDisposable
     }
 
     private static bool IsKnownOption(NbdOption option) => option is NbdOption.List or NbdOption.Info
-        or NbdOption.Go or NbdOption.StructuredReply or NbdOption.ListMetaContext or NbdOption.SetMetaContext;
+        or NbdOption.Go or NbdOption.StructuredReply or NbdOption.ListMetaContext or NbdOption.SetMetaContext
+        or NbdOption.ExtendedHeaders;
 
     private NegotiationOutcome? HandleBufferedOption(NbdOption option, ReadOnlySpan<byte> data)
     {
@@ -254,6 +262,9 @@ internal sealed partial class ServerNegotiator : IDisposable
                 return HandleInfoOrGo(option, data);
             case NbdOption.StructuredReply:
                 HandleStructuredReply(data);
+                return null;
+            case NbdOption.ExtendedHeaders:
+                HandleExtendedHeaders(data);
                 return null;
             case NbdOption.ListMetaContext:
             case NbdOption.SetMetaContext:
@@ -273,14 +284,43 @@ internal sealed partial class ServerNegotiator : IDisposable
             return;
         }
 
-        if (StructuredReplies)
+        if (ExtendedHeaders)
+        {
+            // The extension: extended headers take precedence; a later STRUCTURED_REPLY gets ERR_EXT_HEADER_REQD.
+            WriteError(NbdOption.StructuredReply, OptionReplyType.ErrorExtendedHeaderRequired, "extended headers are already negotiated");
+            return;
+        }
+
+        if (_structuredReplies)
         {
             WriteError(NbdOption.StructuredReply, OptionReplyType.ErrorInvalid, "structured replies are already negotiated");
             return;
         }
 
-        StructuredReplies = true;
+        _structuredReplies = true;
         WriteReply(NbdOption.StructuredReply, OptionReplyType.Ack, default);
+    }
+
+    /// <summary>
+    /// NBD_OPT_EXTENDED_HEADERS (extension-ext-header): 32-byte requests with 64-bit lengths, 32-byte reply chunks,
+    /// BLOCK_STATUS_EXT. Negotiated only when the client asks; everything else stays compact.
+    /// </summary>
+    private void HandleExtendedHeaders(ReadOnlySpan<byte> data)
+    {
+        if (!data.IsEmpty)
+        {
+            WriteError(NbdOption.ExtendedHeaders, OptionReplyType.ErrorInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data");
+            return;
+        }
+
+        if (ExtendedHeaders)
+        {
+            WriteError(NbdOption.ExtendedHeaders, OptionReplyType.ErrorInvalid, "extended headers are already negotiated");
+            return;
+        }
+
+        ExtendedHeaders = true;
+        WriteReply(NbdOption.ExtendedHeaders, OptionReplyType.Ack, default);
     }
 
     private ValueTask DiscardAsync(OptionHeader header, CancellationToken cancellationToken) =>
