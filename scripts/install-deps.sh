@@ -27,6 +27,9 @@ packages=(
   busybox-static    # the VM's userland
   nbd-client        # copied into the VM: the real kernel client's userspace half
   debootstrap       # builds the Debian 13 root of extended-header peers (scripts/trixie-root.sh)
+  # Links the Native AOT spindle executable (./spindle, scripts/test.sh): the ILCompiler calls clang if present,
+  # else gcc, and links against glibc and zlib (-lz, though nothing of it stays in the binary).
+  gcc libc6-dev zlib1g-dev
 )
 
 missing=()

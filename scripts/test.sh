@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs the peers, builds, checks formatting, runs every test.
+# The whole test suite on a fresh machine: installs the peers, builds, checks formatting, publishes the native
+# spindle executable, runs every test (the ones that run the spindle command run that executable).
 # Usage: scripts/test.sh [extra dotnet test arguments, e.g. --filter FullyQualifiedName~Interop]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,13 @@ dotnet format Spindle.slnx --verify-no-changes --no-restore -v quiet || {
   echo "formatting differs: run 'dotnet format Spindle.slnx' and commit" >&2
   exit 1
 }
+
+echo "== native spindle"
+# The command users run: ./spindle publishes it (Native AOT, -warnaserror) into artifacts/spindle; with
+# SPINDLE_BUILD=native a failed native build fails here instead of falling back to ReadyToRun. Every test that runs
+# the spindle command runs this executable (tests/Spindle.Testing/SpindleExecutable.cs reads SPINDLE_CLI).
+SPINDLE_BUILD=native ./spindle --version
+export SPINDLE_CLI="$PWD/artifacts/spindle/spindle"
 
 echo "== test"
 dotnet test Spindle.slnx -c Release --no-build -nologo --logger "console;verbosity=normal" "$@"

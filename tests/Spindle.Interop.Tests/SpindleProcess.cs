@@ -17,8 +17,6 @@ internal sealed class SpindleProcess : IAsyncDisposable
         _output = output;
     }
 
-    public static string Assembly => Path.Combine(AppContext.BaseDirectory, "spindle.dll");
-
     public Process Process => _process;
 
     public IReadOnlyCollection<string> Output => _output.ToArray();
@@ -29,7 +27,7 @@ internal sealed class SpindleProcess : IAsyncDisposable
     public static async Task<SpindleProcess> StartAsync(params string[] arguments)
     {
         var output = new ConcurrentQueue<string>();
-        var process = PeerTool.Start("dotnet", new[] { Assembly }.Concat(arguments), onOutput: output.Enqueue);
+        var process = PeerTool.Start(SpindleExecutable.Path, arguments, onOutput: output.Enqueue);
         var spindle = new SpindleProcess(process, output);
         if (arguments.Contains("--print-uri"))
         {
@@ -41,7 +39,7 @@ internal sealed class SpindleProcess : IAsyncDisposable
 
     /// <summary>Runs <c>spindle ARGS</c> to completion.</summary>
     public static Task<ProcessResult> RunAsync(params string[] arguments) =>
-        PeerTool.RunAsync("dotnet", new[] { Assembly }.Concat(arguments), TimeSpan.FromSeconds(60));
+        PeerTool.RunAsync(SpindleExecutable.Path, arguments, TimeSpan.FromSeconds(60));
 
     public async Task<string> WaitForLineAsync(Func<string, bool> predicate, TimeSpan timeout)
     {

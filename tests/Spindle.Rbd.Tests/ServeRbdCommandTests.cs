@@ -10,7 +10,7 @@ public sealed class ServeRbdCommandTests(CephCluster cluster)
 {
     private static readonly TimeSpan PeerTimeout = TimeSpan.FromSeconds(120);
 
-    private static string Spindle => Path.Combine(AppContext.BaseDirectory, "spindle");
+    private static string Spindle => SpindleExecutable.Path;
 
     [Fact(Timeout = 120_000)]
     public async Task Spindle_serve_rbd_image_serves_it_and_stops_cleanly()

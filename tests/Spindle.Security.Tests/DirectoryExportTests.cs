@@ -254,9 +254,9 @@ public sealed class DirectoryExportTests(CertificateFixture fixture) : IClassFix
         using var directory = new TempDirectory();
         var root = directory.File("disks");
         await WriteImageAsync(Path.Combine(root, "vm1.img"), 1, 3 << 20);
-        var spindle = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo("dotnet")
+        var spindle = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo(SpindleExecutable.Path)
         {
-            ArgumentList = { Path.Combine(AppContext.BaseDirectory, "spindle.dll"), "serve", "--dir", root, "-r", "--bind", "127.0.0.1", "--port", "0", "--print-uri" },
+            ArgumentList = { "serve", "--dir", root, "-r", "--bind", "127.0.0.1", "--port", "0", "--print-uri" },
             RedirectStandardOutput = true,
             RedirectStandardError = true,
         })!;

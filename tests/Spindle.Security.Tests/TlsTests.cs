@@ -247,9 +247,9 @@ public sealed class TlsTests(CertificateFixture fixture) : IClassFixture<Certifi
     public async Task Spindle_serve_with_tls_certificates_from_the_command_line()
     {
         using var directory = new TempDirectory();
-        var spindle = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo("dotnet")
+        var spindle = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo(SpindleExecutable.Path)
         {
-            ArgumentList = { Path.Combine(AppContext.BaseDirectory, "spindle.dll"), "serve", "--memory", "3M", "--bind", "127.0.0.1", "--port", "0", "--print-uri", "--tls-certificates", Certificates.Directory, "--tls", "require" },
+            ArgumentList = { "serve", "--memory", "3M", "--bind", "127.0.0.1", "--port", "0", "--print-uri", "--tls-certificates", Certificates.Directory, "--tls", "require" },
             RedirectStandardOutput = true,
             RedirectStandardError = true,
         })!;
@@ -268,7 +268,7 @@ public sealed class TlsTests(CertificateFixture fixture) : IClassFixture<Certifi
             await spindle.WaitForExitAsync();
         }
 
-        var missing = await PeerTool.RunAsync("dotnet", [Path.Combine(AppContext.BaseDirectory, "spindle.dll"), "serve", "--memory", "1M", "--tls-certificates", directory.Path]);
+        var missing = await PeerTool.RunAsync(SpindleExecutable.Path, ["serve", "--memory", "1M", "--tls-certificates", directory.Path]);
         Assert.Equal(2, missing.ExitCode);
         Assert.Contains("server-cert.pem does not exist", missing.StandardError, StringComparison.Ordinal);
     }

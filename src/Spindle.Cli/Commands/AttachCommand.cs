@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Diagnostics;
-using System.Reflection;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
 using Spindle.Client;
@@ -190,8 +189,11 @@ internal static class AttachCommand
         startInfo.ArgumentList.Add(self);
         if (Path.GetFileNameWithoutExtension(self) == "dotnet")
         {
-            // Run as "dotnet spindle.dll": the server needs the same assembly.
-            startInfo.ArgumentList.Add(Assembly.GetEntryAssembly()?.Location ?? throw new InvalidOperationException("the entry assembly is unknown"));
+            // Run as "dotnet spindle.dll": the server needs the same assembly, which sits in the application's
+            // directory (Assembly.Location would be empty in the single-file and native builds; this branch is
+            // never taken there, as the program is its own executable).
+            var assembly = typeof(AttachCommand).Assembly.GetName().Name ?? throw new InvalidOperationException("the entry assembly is unknown");
+            startInfo.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, assembly + ".dll"));
         }
 
         foreach (var argument in arguments)

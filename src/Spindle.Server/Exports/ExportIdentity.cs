@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
+using System.Text.Json.Serialization;
 using Spindle.Protocol;
 using Spindle.Storage;
 
@@ -138,7 +139,7 @@ public static partial class ExportIdentity
             Directory.CreateDirectory(directory);
             var path = Path.Combine(directory, "exports.json");
             var map = File.Exists(path)
-                ? JsonSerializer.Deserialize<Dictionary<string, Guid>>(File.ReadAllText(path)) ?? []
+                ? JsonSerializer.Deserialize(File.ReadAllText(path), ExportIdentityJson.Default.DictionaryStringGuid) ?? []
                 : new Dictionary<string, Guid>();
             if (map.TryGetValue(key, out var uuid))
             {
@@ -149,10 +150,18 @@ public static partial class ExportIdentity
             uuid = Guid.NewGuid();
             map[key] = uuid;
             var temporary = path + ".tmp";
-            File.WriteAllText(temporary, JsonSerializer.Serialize(map, new JsonSerializerOptions { WriteIndented = true }));
+            File.WriteAllText(temporary, JsonSerializer.Serialize(map, ExportIdentityJson.Default.DictionaryStringGuid));
             File.Move(temporary, path, overwrite: true);
             created = true;
             return uuid;
         }
     }
 }
+
+/// <summary>
+/// The state file's JSON (exports.json: key -> UUID), source-generated so the serializer needs no reflection (the
+/// spindle command is compiled ahead of time). Indented, as the file was always written.
+/// </summary>
+[JsonSerializable(typeof(Dictionary<string, Guid>))]
+[JsonSourceGenerationOptions(WriteIndented = true)]
+internal sealed partial class ExportIdentityJson : JsonSerializerContext;

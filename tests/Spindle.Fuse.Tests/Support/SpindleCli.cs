@@ -6,10 +6,10 @@ using Xunit;
 
 namespace Spindle.Fuse.Tests.Support;
 
-/// <summary>The spindle program built next to the tests (the test project references Spindle.Cli).</summary>
+/// <summary>The spindle program under test (<see cref="SpindleExecutable"/>: $SPINDLE_CLI, else the build next to the tests).</summary>
 internal static class SpindleCli
 {
-    public static string Program => Path.Combine(AppContext.BaseDirectory, "spindle");
+    public static string Program => SpindleExecutable.Path;
 
     public static Task<ProcessResult> RunAsync(params string[] arguments) => PeerTool.RunAsync(Program, arguments, TimeSpan.FromSeconds(120));
 
