@@ -94,10 +94,12 @@ public readonly record struct NbdRequest
     public int HeaderLength => HeaderLengthFor(IsExtended);
 
     /// <summary>
-    /// Whether payload bytes follow the header: compact, only WRITE; extended, exactly when NBD_CMD_FLAG_PAYLOAD_LEN
-    /// is set (an extended WRITE without it carries none and is refused with EINVAL, but the stream stays in step).
+    /// Whether payload bytes follow the header: compact, only WRITE; extended, when NBD_CMD_FLAG_PAYLOAD_LEN is set,
+    /// and always for WRITE. The extension says a WRITE "MUST use" the flag, but qemu's client (8.2 to 10 at least)
+    /// sends its extended WRITEs without it and its server reads the payload anyway; reading it keeps such a stream in
+    /// step, where taking the length as an effect length would lose it.
     /// </summary>
-    public bool HasPayload => IsExtended ? (Flags & CommandFlags.PayloadLength) != 0 : Command == NbdCommand.Write;
+    public bool HasPayload => Command == NbdCommand.Write || (IsExtended && (Flags & CommandFlags.PayloadLength) != 0);
 
     /// <summary>
     /// The number of payload bytes that follow this header on the wire, in full: check it against the largest

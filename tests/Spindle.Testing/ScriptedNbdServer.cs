@@ -208,7 +208,8 @@ public sealed class ScriptedConnection : IAsyncDisposable
     /// <paramref name="structured"/>, <paramref name="contexts"/> for SET_META_CONTEXT (id = index + 1), and the
     /// given size and flags. Returns the options the client sent, in order.
     /// </summary>
-    public async Task<List<NbdOption>> HandshakeAsync(ulong size, TransmissionFlags flags, bool structured = true, string[]? contexts = null, BlockSizeConstraints? blockSizes = null)
+    /// <remarks>With <paramref name="extended"/> it acknowledges NBD_OPT_EXTENDED_HEADERS, and later requests and replies are extended.</remarks>
+    public async Task<List<NbdOption>> HandshakeAsync(ulong size, TransmissionFlags flags, bool structured = true, string[]? contexts = null, BlockSizeConstraints? blockSizes = null, bool extended = false)
     {
         contexts ??= [MetaContexts.BaseAllocation];
         var seen = new List<NbdOption>();
@@ -223,6 +224,10 @@ public sealed class ScriptedConnection : IAsyncDisposable
             {
                 case NbdOption.StructuredReply:
                     await (structured ? ReplyAsync(option, OptionReplyType.Ack) : ReplyErrorAsync(option, OptionReplyType.ErrorUnsupported));
+                    break;
+                case NbdOption.ExtendedHeaders when extended:
+                    Extended = true;
+                    await ReplyAsync(option, OptionReplyType.Ack);
                     break;
                 case NbdOption.SetMetaContext or NbdOption.ListMetaContext:
                     Assert.True(MetaContextRequest.TryParse(data, out var request, out _));
@@ -269,13 +274,40 @@ public sealed class ScriptedConnection : IAsyncDisposable
 
     // ---- transmission ----
 
-    /// <summary>Reads one request header and, for WRITE, its payload.</summary>
+    /// <summary>True once the handshake acknowledged extended headers: requests are then read as extended ones.</summary>
+    public bool Extended { get; set; }
+
+    /// <summary>Reads one request header (compact, or extended after <see cref="Extended"/>) and its payload.</summary>
     public async Task<(NbdRequest Request, byte[] Payload)> ReadRequestAsync()
     {
-        var header = await ReadExactlyAsync(NbdLimits.RequestHeaderLength);
-        Assert.Equal(ParseStatus.Done, NbdRequest.TryRead(header, out var request));
-        var payload = request.Command == NbdCommand.Write ? await ReadExactlyAsync(checked((int)request.Length)) : [];
+        var header = await ReadExactlyAsync(NbdRequest.HeaderLengthFor(Extended));
+        Assert.Equal(ParseStatus.Done, NbdRequest.TryRead(header, Extended, out var request));
+        var payload = request.HasPayload ? await ReadExactlyAsync(checked((int)request.WirePayloadLength)) : [];
         return (request, payload);
+    }
+
+    /// <summary>An extended reply chunk (32-byte header) echoing <paramref name="offset"/>.</summary>
+    public Task SendExtendedChunkAsync(ReplyFlags flags, ReplyType type, ulong cookie, ulong offset, byte[] payload)
+    {
+        var bytes = new byte[ExtendedReplyHeader.Length + payload.Length];
+        ExtendedReplyHeader.Write(bytes, flags, type, cookie, offset, (ulong)payload.Length);
+        payload.CopyTo(bytes, ExtendedReplyHeader.Length);
+        return SendAsync(bytes);
+    }
+
+    /// <summary>A BLOCK_STATUS_EXT chunk: context id, count, then (u64 length, u64 status) descriptors.</summary>
+    public Task SendExtendedBlockStatusAsync(in NbdRequest request, uint contextId, (ulong Length, ulong Status)[] extents, bool done = true, uint? count = null)
+    {
+        var payload = new byte[8 + (16 * extents.Length)];
+        BinaryPrimitives.WriteUInt32BigEndian(payload, contextId);
+        BinaryPrimitives.WriteUInt32BigEndian(payload.AsSpan(4), count ?? (uint)extents.Length);
+        for (var i = 0; i < extents.Length; i++)
+        {
+            BinaryPrimitives.WriteUInt64BigEndian(payload.AsSpan(8 + (16 * i)), extents[i].Length);
+            BinaryPrimitives.WriteUInt64BigEndian(payload.AsSpan(16 + (16 * i)), extents[i].Status);
+        }
+
+        return SendExtendedChunkAsync(done ? ReplyFlags.Done : ReplyFlags.None, ReplyType.BlockStatusExtended, request.Cookie, request.Offset, payload);
     }
 
     public Task SendSimpleReplyAsync(ulong cookie, NbdError error = NbdError.None, byte[]? data = null)

@@ -25,8 +25,9 @@ public static class SpindleExecutable
         }
 
         var output = new DirectoryInfo(AppContext.BaseDirectory.TrimEnd('/'));
+        // An apphost is only usable with its spindle.dll beside it (a build of one test project can copy the one alone).
         var beside = System.IO.Path.Combine(output.FullName, "spindle");
-        if (File.Exists(beside))
+        if (File.Exists(beside) && File.Exists(beside + ".dll"))
         {
             return beside;
         }

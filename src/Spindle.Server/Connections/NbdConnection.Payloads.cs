@@ -26,10 +26,8 @@ internal sealed partial class NbdConnection
         var flagged = (request.Flags & CommandFlags.PayloadLength) != 0;
         switch (request.Command)
         {
-            case NbdCommand.Write when !flagged:
-                reason = "with extended headers a WRITE must set NBD_CMD_FLAG_PAYLOAD_LEN";
-                return NbdError.InvalidArgument;
             case NbdCommand.Write:
+                // With the flag or without it (qemu's client omits it): the payload is read either way.
                 return NbdError.None;
             case NbdCommand.BlockStatus when flagged:
                 var contexts = _negotiator.Contexts.Count;

@@ -1,7 +1,7 @@
 using Spindle.Protocol;
 using Spindle.Storage;
 
-namespace Spindle.Kernel.Tests;
+namespace Spindle.Testing;
 
 public enum OperationKind
 {
