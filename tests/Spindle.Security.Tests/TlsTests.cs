@@ -117,6 +117,29 @@ public sealed class TlsTests(CertificateFixture fixture) : IClassFixture<Certifi
     }
 
     [Fact]
+    public async Task Starttls_forgets_extended_headers_negotiated_in_plain_text()
+    {
+        // The extension: STARTTLS resets extended headers like every other negotiated state.
+        await using var server = await StartSelectiveAsync();
+        await using var client = await TlsClient.ConnectAsync(server, Certificates, Certificates.Directory, async plain =>
+        {
+            await plain.SendOptionAsync(NbdOption.ExtendedHeaders);
+            Assert.Equal(OptionReplyType.Ack, (await plain.ReadOptionReplyAsync()).Header.Type);
+        });
+
+        // Over TLS a STRUCTURED_REPLY is accepted again (it would get ERR_EXT_HEADER_REQD if the plain-text
+        // negotiation had survived), GO carries no BLOCK_STATUS_PAYLOAD, and requests are compact.
+        await client.SendOptionAsync(NbdOption.StructuredReply);
+        Assert.Equal(OptionReplyType.Ack, (await client.ReadOptionReplyAsync()).Header.Type);
+        await client.SendOptionAsync(NbdOption.Go, new InfoRequest("secret", []).ToBytes());
+        var go = await client.ReadOptionRepliesAsync(NbdOption.Go);
+        Assert.True(InfoReplies.TryReadExport(go[0].Data, out _, out var flags));
+        Assert.False(flags.HasFlag(TransmissionFlags.BlockStatusPayload));
+        await client.SendRequestAsync(NbdCommand.Flush, 1, 0, 0);
+        Assert.Equal(NbdError.None, (await client.ReadReplyAsync()).AnyError);
+    }
+
+    [Fact]
     public async Task A_second_starttls_is_invalid()
     {
         await using var server = await StartSelectiveAsync();
