@@ -68,8 +68,18 @@ public sealed class NbdBlockDevice : BlockDevice
 
     public override BlockDeviceFeatures Features => _features;
 
-    /// <summary>Minimum 1 (this adapter handles alignment), the export's preferred and maximum sizes.</summary>
-    public override BlockSizeConstraints? BlockSizes => new(1, Client.Export.PreferredBlockSize, (uint)_maximumPayload);
+    /// <summary>
+    /// The export's sizes. Unaligned requests work too (see the remarks), but cost a read-modify-write at their
+    /// edges, so a caller free to choose its requests (a copy) aligns them to the minimum.
+    /// </summary>
+    public override BlockSizeConstraints? BlockSizes =>
+        new((uint)_minimum, Math.Max(Client.Export.PreferredBlockSize, (uint)_minimum), (uint)_maximumPayload);
+
+    /// <summary>
+    /// The connections working now (at least one) times the requests each may have outstanding
+    /// (<see cref="NbdClientOptions.MaxRequestsInFlight"/>): more than that only wait inside the client.
+    /// </summary>
+    public override int? QueueDepth => Math.Max(1, Client.ConnectionCount) * Client.Options.MaxRequestsInFlight;
 
     public override string Description =>
         $"NBD export '{Client.Export.Name}' at {string.Join(", ", Client.Paths.Select(path => path.Target))}";
@@ -140,7 +150,9 @@ public sealed class NbdBlockDevice : BlockDevice
         command |= (flags & ZeroFlags.Fua) != 0 && Client.Export.CanFua ? CommandFlags.Fua : 0;
         if (IsAligned(offset, length))
         {
-            return Guard(Client.WriteZeroesAsync(offset, length, command, cancellationToken));
+            return length <= _maximumPayload || (command & CommandFlags.FastZero) != 0
+                ? Guard(Client.WriteZeroesAsync(offset, length, command, cancellationToken))
+                : Guard(ZeroLongAsync(offset, length, command, cancellationToken));
         }
 
         return Guard(ZeroUnalignedAsync(offset, length, command, cancellationToken));
@@ -332,6 +344,25 @@ public sealed class NbdBlockDevice : BlockDevice
         {
             stripe.Release();
             ArrayPool<byte>.Shared.Return(scratch);
+        }
+    }
+
+    /// <summary>
+    /// A WRITE_ZEROES longer than the maximum payload in one request; a server may refuse one "if that would cost too
+    /// much" (proto.md, "Block size constraints"), and then it is asked again in payload-sized pieces.
+    /// </summary>
+    private async ValueTask ZeroLongAsync(long offset, long length, CommandFlags flags, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await Client.WriteZeroesAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
+        }
+        catch (NbdServerErrorException exception) when (exception.Error is NbdError.InvalidArgument or NbdError.Overflow or NbdError.NotSupported or NbdError.OutOfMemory)
+        {
+            for (var position = offset; position < offset + length; position += _maximumPayload)
+            {
+                await Client.WriteZeroesAsync(position, Math.Min(_maximumPayload, offset + length - position), flags, cancellationToken).ConfigureAwait(false);
+            }
         }
     }
 

@@ -84,6 +84,21 @@ public abstract class BlockDevice : IAsyncDisposable
     /// </summary>
     public virtual BlockSizeConstraints? BlockSizes => null;
 
+    /// <summary>
+    /// How many requests the device serves at once to good effect: beyond this they only wait in a queue inside it.
+    /// A caller that runs many requests in parallel (<c>spindle copy</c>) keeps at most this many in flight. An NBD
+    /// export reports its connections times the requests each connection may have outstanding. Default: null, no
+    /// limit of the device's own (a local file: the kernel queues as deep as it is asked to).
+    /// </summary>
+    public virtual int? QueueDepth => null;
+
+    /// <summary>
+    /// How many writes are worth running at once; more only contend inside the device (buffered writes to one file
+    /// serialise on its inode lock in the kernel). A caller writing in parallel holds the others back rather than
+    /// have them spin. Default: null, no limit beyond <see cref="QueueDepth"/>.
+    /// </summary>
+    public virtual int? MaxConcurrentWrites => null;
+
     /// <summary>A short human-readable description of what backs the device, for logs and LIST.</summary>
     public virtual string Description => GetType().Name;
 

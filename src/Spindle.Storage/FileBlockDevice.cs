@@ -44,6 +44,12 @@ public sealed class FileBlockDevice : BlockDevice
 
     public bool IsBlockDevice => _isBlockDevice;
 
+    /// <summary>
+    /// Two: buffered writes to one file serialise on its inode lock, so dozens of parallel writers only spin on it
+    /// (a 1 GiB <c>spindle copy</c> to a file burnt 3 s of system time with 64 writers against 0.6 s with two).
+    /// </summary>
+    public override int? MaxConcurrentWrites => 2;
+
     public override string Description => _isBlockDevice ? $"block device {_path}" : $"file {_path}";
 
     public override BlockDeviceFeatures Features

@@ -5,7 +5,7 @@ using Xunit;
 
 namespace Spindle.Server.Tests;
 
-/// <summary>The file and memory backends on their own.</summary>
+/// <summary>The file, memory and null backends on their own (the null one also served to a real peer).</summary>
 public sealed class StorageTests
 {
     [Fact]
@@ -144,6 +144,59 @@ public sealed class StorageTests
         var content = new byte[8 * 1024 * 1024];
         await device.ReadAsync(0, content, CancellationToken.None);
         Assert.Equal(Patterns.Generate(0, 8 * 1024 * 1024, seed: 3), content);
+    }
+
+    [Fact]
+    public async Task Null_backend_reads_zeroes_and_discards_everything_written()
+    {
+        // Any size, up to the largest an NBD export can have.
+        await using var device = new NullBlockDevice(long.MaxValue);
+        Assert.Equal(long.MaxValue, device.Size);
+        var expected = BlockDeviceFeatures.Write | BlockDeviceFeatures.Flush | BlockDeviceFeatures.Fua | BlockDeviceFeatures.Trim |
+                       BlockDeviceFeatures.WriteZeroes | BlockDeviceFeatures.FastZero | BlockDeviceFeatures.Cache |
+                       BlockDeviceFeatures.Extents | BlockDeviceFeatures.SharedCache;
+        Assert.Equal(expected, device.Features);
+        Assert.True(device.SubmitsWithoutBlocking);
+
+        var offset = long.MaxValue - (1 << 20);
+        await device.WriteAsync(offset, Patterns.Generate(offset, 65536), fua: true, CancellationToken.None);
+        Assert.True(device.TryWriteImmediate(0, Patterns.Generate(0, 4096)));
+        await device.WriteZeroesAsync(0, 1 << 20, ZeroFlags.NoHole | ZeroFlags.FastOnly | ZeroFlags.Fua, CancellationToken.None);
+        await device.TrimAsync(4096, 8192, fua: true, CancellationToken.None);
+        await device.CacheAsync(0, 4096, CancellationToken.None);
+        await device.FlushAsync(CancellationToken.None);
+
+        // A buffer full of bytes comes back all zero, through both read paths: nothing written was kept.
+        var read = Enumerable.Repeat((byte)0xa5, 65536).ToArray();
+        await device.ReadAsync(offset, read, CancellationToken.None);
+        Assert.All(read, b => Assert.Equal(0, b));
+        var immediate = Enumerable.Repeat((byte)0x5a, 4096).ToArray();
+        Assert.True(device.TryReadImmediate(0, immediate));
+        Assert.All(immediate, b => Assert.Equal(0, b));
+
+        // The whole range asked about is one hole that reads as zeroes.
+        var extents = new ExtentList(16);
+        await device.GetExtentsAsync(12345, 1L << 40, extents, CancellationToken.None);
+        Assert.Equal([new Extent(1L << 40, AllocationFlags.Hole | AllocationFlags.Zero)], extents.Items.ToArray());
+
+        Assert.Throws<ArgumentOutOfRangeException>(() => new NullBlockDevice(-1));
+        await using var empty = new NullBlockDevice(0);
+        Assert.Equal(0, empty.Size);
+    }
+
+    [Fact]
+    public async Task Null_backend_served_reads_as_one_zero_hole_to_nbdinfo_and_takes_qemu_io_writes()
+    {
+        await using var server = await TestServer.StartAsync(new NullBlockDevice(1L << 40));
+        var map = await PeerTool.RunCheckedAsync("nbdinfo", ["--map", server.Uri()]);
+
+        // nbdinfo --map: "offset length type description"; type 3 is hole,zero.
+        var fields = map.StandardOutput.Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        Assert.Equal(["0", (1L << 40).ToString(System.Globalization.CultureInfo.InvariantCulture), "3"], fields[..3]);
+
+        var io = await PeerTool.RunCheckedAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x33 1M 64k", "-c", "flush", "-c", "read -P 0 1M 64k", server.Uri()]);
+        Assert.DoesNotContain("Pattern verification failed", io.StandardOutput, StringComparison.Ordinal);
+        Assert.Contains("read 65536/65536 bytes", io.StandardOutput, StringComparison.Ordinal);
     }
 
     [Fact]

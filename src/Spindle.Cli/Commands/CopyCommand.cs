@@ -1,11 +1,16 @@
 using System.CommandLine;
 using System.Globalization;
 using Spindle.Client;
+using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;
 
-/// <summary><c>spindle copy</c>: copy between NBD exports, files and block devices, sparse-aware and in parallel.</summary>
-internal static class CopyCommand
+/// <summary>
+/// <c>spindle copy</c>: copy between NBD exports, files and block devices, sparse-aware and in parallel. Each end is
+/// opened as a <see cref="BlockDevice"/> (<see cref="NbdBlockDevice"/>, <see cref="FileBlockDevice"/>,
+/// <see cref="NullBlockDevice"/> for <c>null:</c>) and <see cref="CopyEngine"/> copies between them.
+/// </summary>
+internal static partial class CopyCommand
 {
     private const string Examples = """
         Copy a disk between NBD exports, files and block devices, in either direction or NBD to NBD.
@@ -22,6 +27,8 @@ internal static class CopyCommand
           spindle copy /dev/sdb nbd+unix:///?socket=/run/nbd.sock
           spindle copy nbd://a/disk nbd://b/disk               server to server
           spindle copy --json nbd://server/disk disk.img       a machine-readable summary
+          spindle copy nbd://server/disk null:                read everything and discard it (a read benchmark)
+          spindle copy null:1G nbd://server/disk               zero the first 1 GiB of an export
           spindle copy 'nbds://server/disk?tls-certificates=/etc/pki/nbd' disk.img   over TLS
 
         A lost connection (the server restarted, a network cut) does not fail the copy: requests wait while the
@@ -30,7 +37,7 @@ internal static class CopyCommand
 
     public static Command Create()
     {
-        var sourceArgument = new Argument<string>("source") { Description = "An NBD URI, a file or a block device to copy from." };
+        var sourceArgument = new Argument<string>("source") { Description = "An NBD URI, a file or a block device to copy from, or null:SIZE for SIZE bytes of zeroes." };
         var destinationArgument = new Argument<string>("destination") { Description = "An NBD URI, a file or a block device to copy to, or null: to read the source and discard it (a read benchmark)." };
         var connections = new Option<int>("--connections", "-C")
         {
@@ -131,16 +138,22 @@ internal static class CopyCommand
         var source = await OpenSourceAsync(sourceName, settings, cancellationToken).ConfigureAwait(false);
         await using (source.ConfigureAwait(false))
         {
-            var destination = await OpenDestinationAsync(destinationName, source.Size, settings, cancellationToken).ConfigureAwait(false);
+            var (destination, emptied) = await OpenDestinationAsync(destinationName, source.Size, settings, cancellationToken).ConfigureAwait(false);
             await using (destination.ConfigureAwait(false))
             {
+                if (destination.Size < source.Size)
+                {
+                    throw new IOException($"the destination {destinationName} ({destination.Size} bytes) is smaller than the source {sourceName} ({source.Size} bytes)");
+                }
+
                 if (destination.Size > source.Size)
                 {
                     await Console.Error.WriteLineAsync(
                         $"spindle: warning: the destination is {destination.Size - source.Size} bytes larger than the source; those last bytes are left as they were").ConfigureAwait(false);
                 }
 
-                var engine = new CopyEngine(source, destination, settings);
+                // A file this copy has just created or emptied reads as zeroes: its holes need not be written at all.
+                var engine = new CopyEngine(source, destination, emptied ? settings with { DestinationIsZero = true } : settings);
                 using var bar = showProgress ? new ProgressBar(source.Size, () => engine.DoneBytes) : null;
                 var result = await engine.RunAsync(cancellationToken).ConfigureAwait(false);
                 bar?.Complete();
@@ -148,53 +161,6 @@ internal static class CopyCommand
             }
         }
     }
-
-    private static async Task<CopyEndpoint> OpenSourceAsync(string name, CopySettings settings, CancellationToken cancellationToken)
-    {
-        if (!NbdUri.LooksLikeUri(name))
-        {
-            return FileCopyEndpoint.OpenSource(name);
-        }
-
-        var options = ClientCommandSupport.Options(settings.Connections, deadTimeout: settings.DeadTimeout);
-        options.MaxRequestsInFlight = settings.RequestsPerConnection ?? settings.TotalRequests;
-        if (!settings.UseExtents)
-        {
-            options.MetaContexts.Clear();
-        }
-
-        var client = await NbdClient.ConnectAsync(NbdUri.Parse(name), options, cancellationToken).ConfigureAwait(false);
-        return new NbdCopyEndpoint(client, name);
-    }
-
-    private static async Task<CopyEndpoint> OpenDestinationAsync(string name, long size, CopySettings settings, CancellationToken cancellationToken)
-    {
-        if (name == NullCopyEndpoint.DestinationName)
-        {
-            return new NullCopyEndpoint(size);
-        }
-
-        if (!NbdUri.LooksLikeUri(name))
-        {
-            return await FileCopyEndpoint.OpenDestinationAsync(name, size).ConfigureAwait(false);
-        }
-
-        var options = ClientCommandSupport.Options(settings.Connections, deadTimeout: settings.DeadTimeout);
-        options.MaxRequestsInFlight = settings.RequestsPerConnection ?? settings.TotalRequests;
-        options.MetaContexts.Clear();
-        var client = await NbdClient.ConnectAsync(NbdUri.Parse(name), options, cancellationToken).ConfigureAwait(false);
-        if (client.Export.IsReadOnly)
-        {
-            await client.DisposeAsync().ConfigureAwait(false);
-            throw new NotSupportedException($"the destination export {name} is read-only");
-        }
-
-        return new NbdCopyEndpoint(client, name);
-    }
-
-    internal sealed record EndpointSummary(string Kind, long Size, int? Connections, bool Extents);
-
-    private static EndpointSummary Summarize(CopyEndpoint endpoint) => new(endpoint.Kind, endpoint.Size, endpoint.Connections, endpoint.HasExtents);
 
     private static void WriteText(TextWriter output, string source, string destination, CopyResult result)
     {

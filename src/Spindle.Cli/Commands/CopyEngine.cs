@@ -1,18 +1,20 @@
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using System.Threading.Channels;
+using Spindle.Protocol;
+using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;
 
 /// <summary>How <see cref="CopyEngine"/> copies. Each default is stated on its property.</summary>
-internal sealed class CopySettings
+internal sealed record CopySettings
 {
     /// <summary>Bytes per READ/WRITE. Default: 256 KiB (nbdcopy's), lowered to what both ends accept.</summary>
     public int RequestSize { get; set; } = 256 * 1024;
 
     /// <summary>
     /// Requests in flight per connection, or null for <see cref="TotalRequests"/> spread over the connections.
-    /// Default: null.
+    /// Either way no more are in flight than an end's <see cref="BlockDevice.QueueDepth"/>. Default: null.
     /// </summary>
     public int? RequestsPerConnection { get; set; }
 
@@ -37,7 +39,10 @@ internal sealed class CopySettings
     /// <summary>Make the destination fully allocated: zeroes are written with NO_HOLE, never skipped. Default: false.</summary>
     public bool Allocated { get; set; }
 
-    /// <summary>Trust that the destination already reads as zeroes. Default: false (true for a file the copy creates).</summary>
+    /// <summary>
+    /// The destination already reads as zeroes, so zero ranges are skipped: the user said so, or the copy has just
+    /// created or emptied the destination file. Default: false.
+    /// </summary>
     public bool DestinationIsZero { get; set; }
 
     /// <summary>Flush the destination at the end. Default: true.</summary>
@@ -47,6 +52,9 @@ internal sealed class CopySettings
     public long MaxZeroRequest { get; set; } = 1L << 30;
 }
 
+/// <summary>A run of the source: data to copy, or bytes known to read as zeroes.</summary>
+internal readonly record struct SourceRun(long Offset, long Length, bool Zero);
+
 /// <summary>What a copy did.</summary>
 internal sealed record CopyResult(long Size, TimeSpan Elapsed, long DataBytes, long ZeroedBytes, long SkippedBytes, int Workers, int RequestSize)
 {
@@ -54,13 +62,26 @@ internal sealed record CopyResult(long Size, TimeSpan Elapsed, long DataBytes, l
 }
 
 /// <summary>
-/// Copies one endpoint onto another with many requests in flight, out of order: a producer turns the source's
-/// allocation (block status, SEEK_DATA) into work items, and workers read and write them, each with one buffer of
-/// its own for the whole copy. Ranges known to be zero are never read; ranges read as zero (zero detection) are
-/// not written: the destination gets WRITE_ZEROES (or fallocate), or nothing at all if it is already zero.
+/// Copies one <see cref="BlockDevice"/> onto another with many requests in flight, out of order: a producer turns the
+/// source's allocation (<see cref="BlockDevice.GetExtentsAsync"/>: block status, SEEK_DATA) into work items, and
+/// workers read and write them, each with one buffer of its own for the whole copy. Ranges known to be zero are never
+/// read; ranges read as zero (zero detection) are not written: the destination gets WRITE_ZEROES (or fallocate), or
+/// nothing at all if it is already zero.
 /// </summary>
-internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, CopySettings settings)
+/// <remarks>
+/// What the ends ask for comes from the devices: requests aligned to both minimum block sizes and no larger than
+/// both maximums (<see cref="BlockDevice.BlockSizes"/>), no more in flight than either's
+/// <see cref="BlockDevice.QueueDepth"/>, no more writes at once than the destination's
+/// <see cref="BlockDevice.MaxConcurrentWrites"/>, zeroing through WRITE_ZEROES only where the destination declares
+/// it, and a flush at the end only where it declares one.
+/// </remarks>
+internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, CopySettings settings)
 {
+    /// <summary>Extents asked for at once; a source answers for as much of the rest as fits.</summary>
+    private const int ExtentBatch = 4096;
+
+    private readonly bool _canZero = (destination.Features & BlockDeviceFeatures.WriteZeroes) != 0;
+    private SemaphoreSlim? _writers;
     private long _dataBytes;
     private long _zeroedBytes;
     private long _skippedBytes;
@@ -74,16 +95,20 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
         var size = source.Size;
         if (destination.Size < size)
         {
-            throw new IOException($"the destination {destination.Name} ({destination.Size} bytes) is smaller than the source {source.Name} ({size} bytes)");
+            throw new IOException($"the destination {destination.Description} ({destination.Size} bytes) is smaller than the source {source.Description} ({size} bytes)");
         }
 
-        var alignment = Math.Max(source.MinimumBlockSize, destination.MinimumBlockSize);
-        var maxRequest = Math.Min(source.MaxRequestSize, destination.MaxRequestSize);
-        var requestSize = Math.Clamp(settings.RequestSize, alignment, maxRequest) / alignment * alignment;
-        var sparse = settings.SparseSize <= 0 || settings.Allocated ? 0 : RoundUp(Math.Max(settings.SparseSize, destination.MinimumBlockSize), alignment);
-        var destinationIsZero = !settings.Allocated && (settings.DestinationIsZero || destination.IsZero);
-        var connections = new[] { source.Connections, destination.Connections }.Where(c => c is not null).Select(c => c!.Value).DefaultIfEmpty(settings.Connections).Min();
-        var workers = settings.RequestsPerConnection is { } perConnection ? connections * perConnection : settings.TotalRequests;
+        var sourceSizes = source.BlockSizes ?? BlockSizeConstraints.Default;
+        var destinationSizes = destination.BlockSizes ?? BlockSizeConstraints.Default;
+        var alignment = (int)Math.Max(sourceSizes.Minimum, destinationSizes.Minimum);
+        var maxRequest = (int)Math.Min(Math.Min(sourceSizes.Maximum, destinationSizes.Maximum), int.MaxValue);
+        var requestSize = Math.Clamp(settings.RequestSize, alignment, Math.Max(alignment, maxRequest)) / alignment * alignment;
+        var sparse = settings.SparseSize <= 0 || settings.Allocated ? 0 : RoundUp(Math.Max(settings.SparseSize, (int)destinationSizes.Minimum), alignment);
+        var destinationIsZero = !settings.Allocated && settings.DestinationIsZero;
+        var wanted = settings.RequestsPerConnection is { } perConnection ? settings.Connections * perConnection : settings.TotalRequests;
+        var workers = Math.Max(1, Math.Min(wanted, Math.Min(source.QueueDepth ?? int.MaxValue, destination.QueueDepth ?? int.MaxValue)));
+        using var writers = destination.MaxConcurrentWrites is { } writeLimit && writeLimit < workers ? new SemaphoreSlim(Math.Max(1, writeLimit)) : null;
+        _writers = writers;
 
         var zeroBuffer = new ZeroSource(requestSize);
         var watch = Stopwatch.StartNew();
@@ -103,7 +128,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
             throw failure;
         }
 
-        if (settings.Flush)
+        if (settings.Flush && (destination.Features & BlockDeviceFeatures.Flush) != 0)
         {
             await destination.FlushAsync(cancellationToken).ConfigureAwait(false);
         }
@@ -154,8 +179,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
                 }
             }
 
-            var runs = settings.UseExtents ? source.GetRunsAsync(0, size, cancellationToken) : WholeAsData(size);
-            await foreach (var run in runs.ConfigureAwait(false))
+            await foreach (var run in RunsAsync(size, cancellationToken).ConfigureAwait(false))
             {
                 var end = Math.Min(run.Offset + run.Length, size);
                 if (run.Zero)
@@ -166,7 +190,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
                     {
                         dataEnd = zeroStart;
                         await EmitData(dataEnd, all: true).ConfigureAwait(false);
-                        var chunk = destinationIsZero || destination.CanZero ? settings.MaxZeroRequest : requestSize;
+                        var chunk = destinationIsZero || _canZero ? settings.MaxZeroRequest : requestSize;
                         for (var position = zeroStart; position < zeroEnd; position += chunk)
                         {
                             var length = Math.Min(chunk, zeroEnd - position);
@@ -218,7 +242,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
                     await source.ReadAsync(item.Offset, data, cancellationToken).ConfigureAwait(false);
                     if (sparse == 0)
                     {
-                        await destination.WriteAsync(item.Offset, data, cancellationToken).ConfigureAwait(false);
+                        await WriteAsync(item.Offset, data, cancellationToken).ConfigureAwait(false);
                         Interlocked.Add(ref _dataBytes, item.Length);
                     }
                     else
@@ -253,7 +277,7 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
             }
             else
             {
-                await destination.WriteAsync(offset + position, data[position..runEnd], cancellationToken).ConfigureAwait(false);
+                await WriteAsync(offset + position, data[position..runEnd], cancellationToken).ConfigureAwait(false);
                 Interlocked.Add(ref _dataBytes, runEnd - position);
             }
 
@@ -273,8 +297,9 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
             return;
         }
 
-        if (await destination.TryZeroAsync(offset, length, settings.Allocated, cancellationToken).ConfigureAwait(false))
+        if (_canZero)
         {
+            await destination.WriteZeroesAsync(offset, length, settings.Allocated ? ZeroFlags.NoHole : ZeroFlags.None, cancellationToken).ConfigureAwait(false);
             Interlocked.Add(ref _zeroedBytes, length);
             return;
         }
@@ -283,16 +308,64 @@ internal sealed class CopyEngine(CopyEndpoint source, CopyEndpoint destination, 
         for (var position = offset; position < offset + length; position += zeroes.Length)
         {
             var count = (int)Math.Min(zeroes.Length, offset + length - position);
-            await destination.WriteAsync(position, zeroes.Memory[..count], cancellationToken).ConfigureAwait(false);
+            await WriteAsync(position, zeroes.Memory[..count], cancellationToken).ConfigureAwait(false);
         }
 
         Interlocked.Add(ref _dataBytes, length);
     }
 
-    private static async IAsyncEnumerable<SourceRun> WholeAsData(long size)
+    /// <summary>
+    /// The source's allocation as runs, in order from 0: data, or known to read as zeroes. NBD_STATE_ZERO (an extent
+    /// with <see cref="AllocationFlags.Zero"/>) means "reads as zeroes"; a hole without it has undefined contents and
+    /// is copied as data. Without extents (not asked for, or not offered) everything is data.
+    /// </summary>
+    private async IAsyncEnumerable<SourceRun> RunsAsync(long size, [EnumeratorCancellation] CancellationToken cancellationToken)
     {
-        await Task.CompletedTask.ConfigureAwait(false);
-        yield return new SourceRun(0, size, false);
+        if (!settings.UseExtents || (source.Features & BlockDeviceFeatures.Extents) == 0)
+        {
+            yield return new SourceRun(0, size, false);
+            yield break;
+        }
+
+        var extents = new ExtentList(ExtentBatch);
+        var position = 0L;
+        while (position < size)
+        {
+            extents.Clear(ExtentBatch);
+            await source.GetExtentsAsync(position, size - position, extents, cancellationToken).ConfigureAwait(false);
+            if (extents.Count == 0)
+            {
+                // Nothing reported: the rest is data (always safe).
+                yield return new SourceRun(position, size - position, false);
+                yield break;
+            }
+
+            for (var i = 0; i < extents.Count && position < size; i++)
+            {
+                var extent = extents[i];
+                var length = Math.Min(extent.Length, size - position);
+                yield return new SourceRun(position, length, (extent.Flags & AllocationFlags.Zero) != 0);
+                position += length;
+            }
+        }
+    }
+
+    /// <summary>A data write, held back while the destination's <see cref="BlockDevice.MaxConcurrentWrites"/> are busy.</summary>
+    private ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
+        _writers is null ? destination.WriteAsync(offset, data, fua: false, cancellationToken) : WriteLimitedAsync(_writers, offset, data, cancellationToken);
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask WriteLimitedAsync(SemaphoreSlim writers, long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        await writers.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await destination.WriteAsync(offset, data, fua: false, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            writers.Release();
+        }
     }
 
     private static long RoundUp(long value, long alignment) => (value + alignment - 1) / alignment * alignment;

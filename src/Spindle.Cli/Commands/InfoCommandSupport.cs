@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Net.Sockets;
 using Spindle.Cli.Hosting;
 using Spindle.Client;
+using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;
 
@@ -40,6 +41,12 @@ internal static class ClientCommandSupport
         {
             // NbdException is an IOException: connection, negotiation and server errors all land here.
             return CliErrors.Fail(exception.Message);
+        }
+        catch (BlockDeviceException exception)
+        {
+            // A device's failure (copy works on BlockDevice). NbdBlockDevice wraps the client's exceptions, whose
+            // messages already name the request and the server; a file's says the operation, offset and path.
+            return CliErrors.Fail(exception.InnerException is NbdException or TimeoutException ? exception.InnerException.Message : exception.Message);
         }
     }
 
