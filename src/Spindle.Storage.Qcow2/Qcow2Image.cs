@@ -411,6 +411,12 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
             if (!_readOnly && !_corrupt)
             {
                 FlushCore();
+                lock (_meta)
+                {
+                    // The decrements the flush applied last are still only in the cache.
+                    FlushMetadataLocked();
+                }
+
                 CloseBitmaps();
             }
         }
