@@ -29,7 +29,7 @@ foreach (var slot in order)
     if (kind == 0)
     {
         await device.WriteZeroesAsync(offset + start, length, ZeroFlags.Fua, CancellationToken.None);
-        Console.WriteLine($"ACK {slot} {offset + start} {length} 0");
+        Console.WriteLine($"ACK {slot} {offset + start} {length} 0 END");
         continue;
     }
 
@@ -42,7 +42,7 @@ foreach (var slot in order)
     Array.Fill(buffer, value, 0, length);
     var fua = random.Next(2) == 0;
     await device.WriteAsync(offset + start, buffer.AsMemory(0, length), fua, CancellationToken.None);
-    var line = $"ACK {slot} {offset + start} {length} {value}";
+    var line = $"ACK {slot} {offset + start} {length} {value} END";
     if (fua)
     {
         Console.WriteLine(line);
