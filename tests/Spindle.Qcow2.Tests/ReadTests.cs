@@ -40,6 +40,53 @@ public sealed class ReadTests
         Assert.True(await Qemu.Same(directory.File("dump.raw"), "raw", image, "qcow2"), $"{options}: the backend read differs from qemu's");
     }
 
+    [Theory]
+    [InlineData("compat=0.10,cluster_size=65536")]
+    [InlineData("compat=1.1,cluster_size=4096")]
+    [InlineData("compat=1.1,cluster_size=65536,extended_l2=on")]
+    public async Task Block_status_and_allocation_depth_match_qemu_nbd(string options)
+    {
+        using var directory = new TempDirectory();
+        const long Size = 16L << 20;
+        var image = await Qemu.Create(directory, "map.qcow2", options, Size);
+        await Qemu.Io(image, "qcow2", FillCommands(Size));
+        await using var server = await PeerServer.StartQemuNbdAsync(["-r", "-A", "-f", "qcow2", image], unix: true);
+        await using var device = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
+        Assert.Equal(
+            BackingTests.Normalize(await BackingTests.NbdMap(server.Uri(), "base:allocation")),
+            BackingTests.Normalize(await Extents(device, null)));
+        Assert.Equal(
+            BackingTests.Normalize(await BackingTests.NbdMap(server.Uri(), "qemu:allocation-depth")),
+            BackingTests.Normalize(await Extents(device, device.MetaContexts.Single(c => c.Name == "qemu:allocation-depth"))));
+    }
+
+    /// <summary>Every extent of the device (base:allocation) or of a metadata context, as (offset, length, status).</summary>
+    internal static async Task<List<(long, long, uint)>> Extents(Spindle.Storage.BlockDevice device, Spindle.Storage.MetaContextSource? context)
+    {
+        var list = new List<(long, long, uint)>();
+        var extents = new Spindle.Storage.ExtentList(1 << 16);
+        for (long offset = 0; offset < device.Size;)
+        {
+            extents.Clear(1 << 16);
+            if (context is null)
+            {
+                await device.GetExtentsAsync(offset, device.Size - offset, extents, CancellationToken.None);
+            }
+            else
+            {
+                await context.GetStatusAsync(offset, device.Size - offset, extents, CancellationToken.None);
+            }
+
+            foreach (var extent in extents.Items)
+            {
+                list.Add((offset, extent.Length, extent.Status));
+                offset += extent.Length;
+            }
+        }
+
+        return list;
+    }
+
     /// <summary>Patterns at cluster edges, inside subclusters, zeroes (-z) and discards over data: every cluster kind.</summary>
     internal static string[] FillCommands(long size) =>
     [
