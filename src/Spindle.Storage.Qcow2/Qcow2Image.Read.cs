@@ -214,7 +214,7 @@ public sealed partial class Qcow2Image
             return;
         }
 
-        if (name.Contains("://", StringComparison.Ordinal) || name.StartsWith("json:", StringComparison.Ordinal) || name.Length == 0)
+        if (name.Contains("://", StringComparison.Ordinal) || name.StartsWith("json:", StringComparison.Ordinal) || name.Length == 0 || name.Contains('\0', StringComparison.Ordinal))
         {
             throw new Qcow2FormatException($"{_file.Path}: the backing file '{name}' is not a local file name");
         }

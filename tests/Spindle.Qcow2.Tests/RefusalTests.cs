@@ -1,0 +1,110 @@
+using System.Buffers.Binary;
+using Spindle.Protocol;
+using Spindle.Storage;
+using Spindle.Storage.Qcow2;
+using Spindle.Testing;
+using Xunit;
+
+namespace Spindle.Qcow2.Tests;
+
+/// <summary>What the backend refuses, and that it says why.</summary>
+public sealed class RefusalTests
+{
+    [Fact]
+    public async Task Encrypted_images_are_refused_clearly()
+    {
+        using var directory = new TempDirectory();
+        var image = directory.File("luks.qcow2");
+        await Qemu.Img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", image, "1M");
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }));
+        Assert.Contains("encrypted (LUKS)", error.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task External_data_files_are_refused_clearly()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "external.qcow2", $"data_file={directory.File("data.raw")}", 1 << 20);
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }));
+        Assert.Contains("external data file", error.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Unknown_incompatible_features_are_refused_by_name()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "future.qcow2", "compat=1.1", 1 << 20);
+        SetIncompatibleBits(image, 1UL << 5 | 1UL << 40);
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }));
+        Assert.Contains("bit 5", error.Message, StringComparison.Ordinal);
+        Assert.Contains("bit 40", error.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Corrupt_images_open_read_only_but_not_for_writing()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "corrupt.qcow2", "compat=1.1", 1 << 20);
+        await Qemu.Io(image, "qcow2", "write -P 7 0 64k");
+        SetIncompatibleBits(image, 1UL << 1);
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image));
+        Assert.Contains("marked corrupt", error.Message, StringComparison.Ordinal);
+        await using var device = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
+        Assert.True(device.IsCorrupt);
+        var buffer = new byte[4096];
+        await device.ReadAsync(0, buffer, CancellationToken.None);
+        Assert.All(buffer, b => Assert.Equal(7, b));
+    }
+
+    [Fact]
+    public async Task A_dirty_image_with_lazy_refcounts_is_refused_for_writing()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "dirty.qcow2", "compat=1.1,lazy_refcounts=on", 1 << 20);
+        SetIncompatibleBits(image, 1UL << 0);
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image));
+        Assert.Contains("dirty", error.Message, StringComparison.Ordinal);
+        Assert.Contains("qemu-img check -r all", error.Message, StringComparison.Ordinal);
+        await using var device = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
+        Assert.Equal(1 << 20, device.Size);
+    }
+
+    [Fact]
+    public async Task A_write_that_would_land_on_metadata_fails_and_marks_the_image_corrupt()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "overlap.qcow2", "compat=1.1,cluster_size=65536", 16L << 20);
+        await Qemu.Io(image, "qcow2", "write -P 1 0 64k");
+
+        // Point the first L2 entry at the L1 table's cluster, with the "refcount is 1" flag: a write there would
+        // overwrite the L1 table.
+        var bytes = await File.ReadAllBytesAsync(image);
+        var l1 = (long)BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan(40));
+        var l2 = (long)(BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan((int)l1)) & 0x00FF_FFFF_FFFF_FE00);
+        BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan((int)l2), (ulong)l1 | 1UL << 63);
+        await File.WriteAllBytesAsync(image, bytes);
+
+        await using (var device = Qcow2Image.Open(image))
+        {
+            var error = await Assert.ThrowsAsync<BlockDeviceException>(async () => await device.WriteAsync(0, new byte[4096], fua: false, CancellationToken.None));
+            Assert.Equal(NbdError.IO, error.Error);
+            Assert.Contains("overwrite metadata", error.Message, StringComparison.Ordinal);
+            Assert.True(device.IsCorrupt);
+        }
+
+        using var info = await Qemu.Info(image);
+        Assert.True(info.RootElement.GetProperty("format-specific").GetProperty("data").GetProperty("corrupt").GetBoolean());
+        Assert.Equal(l1, (long)BinaryPrimitives.ReadUInt64BigEndian((await File.ReadAllBytesAsync(image)).AsSpan(40)));
+    }
+
+    private static void SetIncompatibleBits(string image, ulong bits)
+    {
+        using var file = new FileStream(image, FileMode.Open, FileAccess.ReadWrite);
+        var field = new byte[8];
+        file.Position = 72;
+        file.ReadExactly(field);
+        BinaryPrimitives.WriteUInt64BigEndian(field, BinaryPrimitives.ReadUInt64BigEndian(field) | bits);
+        file.Position = 72;
+        file.Write(field);
+    }
+}
