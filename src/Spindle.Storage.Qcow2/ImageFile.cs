@@ -14,6 +14,7 @@ internal sealed class ImageFile : IDisposable
     private readonly SafeFileHandle _handle;
     private long _length;
     private volatile bool _punchUnsupported;
+    private volatile bool _nowaitUnsupported;
 
     private ImageFile(SafeFileHandle handle, string path, long length)
     {
@@ -64,6 +65,23 @@ internal sealed class ImageFile : IDisposable
 
             done += read;
         }
+    }
+
+    /// <summary>preadv2(RWF_NOWAIT): true only when every byte came from the page cache at once.</summary>
+    public bool TryReadCached(Span<byte> destination, long offset)
+    {
+        if (_nowaitUnsupported)
+        {
+            return false;
+        }
+
+        var read = LinuxFile.Read(_handle, destination, offset, LinuxFile.RwfNowait);
+        if (read == -LinuxFile.EOPNOTSUPP || read == -LinuxFile.EINVAL)
+        {
+            _nowaitUnsupported = true;
+        }
+
+        return read == destination.Length;
     }
 
     public void Write(ReadOnlySpan<byte> source, long offset)

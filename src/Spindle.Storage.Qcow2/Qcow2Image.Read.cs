@@ -39,6 +39,75 @@ public sealed partial class Qcow2Image
         }
     }
 
+    /// <summary>
+    /// Serves a read at once when its L2 tables are cached and its data is in the page cache (preadv2 RWF_NOWAIT);
+    /// anything else (a table to load, the backing chain, a compressed cluster) goes through <see cref="ReadAsync"/>.
+    /// </summary>
+    public override bool TryReadImmediate(long offset, Span<byte> destination)
+    {
+        _gate.Enter();
+        try
+        {
+            var done = 0;
+            while (done < destination.Length)
+            {
+                var guest = offset + done;
+                Run run;
+                lock (_meta)
+                {
+                    if (!IsMappingCachedLocked(guest))
+                    {
+                        return false;
+                    }
+
+                    run = MapRunLocked(guest, destination.Length - done);
+                }
+
+                var part = destination.Slice(done, (int)Math.Min(run.Length, destination.Length - done));
+                switch (run.Kind)
+                {
+                    case RunKind.Data when _file.TryReadCached(part, run.Host):
+                    case RunKind.Unallocated when _backing is null:
+                        if (run.Kind == RunKind.Unallocated)
+                        {
+                            part.Clear();
+                        }
+
+                        break;
+                    case RunKind.Zero:
+                        part.Clear();
+                        break;
+                    default:
+                        return false;
+                }
+
+                done += part.Length;
+            }
+
+            return true;
+        }
+        catch (BlockDeviceException)
+        {
+            return false; // ReadAsync reports it
+        }
+        finally
+        {
+            _gate.Exit();
+        }
+    }
+
+    private bool IsMappingCachedLocked(long guest)
+    {
+        var l1Index = (guest >> _clusterBits) >> _l2Bits;
+        if (l1Index >= _l1.Length)
+        {
+            return true;
+        }
+
+        var l2Offset = (long)(_l1[l1Index] & OffsetMask);
+        return l2Offset == 0 || _l2Cache.TryGet(l2Offset, out _);
+    }
+
     private void ReadRun(in Run run, long guest, Span<byte> destination)
     {
         switch (run.Kind)

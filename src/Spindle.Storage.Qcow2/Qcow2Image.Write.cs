@@ -22,6 +22,48 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>
+    /// A buffered write into clusters this image owns alone, whose L2 tables are cached, is done at once (it only waits
+    /// for the page cache, as a file's would). Anything needing allocation goes through <see cref="WriteAsync"/>.
+    /// </summary>
+    public override bool TryWriteImmediate(long offset, ReadOnlySpan<byte> source)
+    {
+        if (_readOnly || _corrupt || source.IsEmpty)
+        {
+            return false;
+        }
+
+        long host;
+        _gate.Enter();
+        try
+        {
+            lock (_meta)
+            {
+                if (!IsMappingCachedLocked(offset))
+                {
+                    return false;
+                }
+
+                var run = MapRunLocked(offset, source.Length);
+                if (run.Kind != RunKind.Data || !run.Copied || run.Length < source.Length)
+                {
+                    return false;
+                }
+
+                host = run.Host;
+                CheckDataWriteLocked(host, source.Length);
+            }
+
+            MarkBitmaps(offset, source.Length);
+            _file.Write(source, host);
+            return true;
+        }
+        finally
+        {
+            _gate.Exit();
+        }
+    }
+
+    /// <summary>
     /// Writes guest bytes. Clusters this image owns alone (L2 bit 63, every touched subcluster allocated) are written in
     /// place outside the metadata lock; anything else (allocation, copy-on-write, subcluster changes) is done cluster by
     /// cluster under the lock, data first and the L2 entry after (qcow2.md "Crash safety").

@@ -210,4 +210,35 @@ public sealed class WriteTests
             Assert.All(buffer, b => Assert.True(b == 0 || b == writer + 1));
         }
     }
+
+    [Fact]
+    public async Task Immediate_paths_serve_owned_cached_clusters_and_decline_the_rest()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "immediate.qcow2", "compat=1.1,cluster_size=65536", 8L << 20);
+        await Qemu.Io(image, "qcow2", "write -P 0x11 0 1M");
+        await Qemu.Img("snapshot", "-c", "s", image);
+        await Qemu.Io(image, "qcow2", "write -P 0x22 2M 1M");
+        await using (var device = Qcow2Image.Open(image))
+        {
+            var buffer = new byte[8192];
+            await device.ReadAsync(2 << 20, buffer, CancellationToken.None); // loads the L2 table
+
+            // Owned (written after the snapshot): served at once. Shared with the snapshot or unallocated: declined.
+            Assert.True(device.TryWriteImmediate((2 << 20) + 4096, Enumerable.Repeat((byte)0x33, 4096).ToArray()));
+            Assert.False(device.TryWriteImmediate(4096, new byte[4096]));
+            Assert.False(device.TryWriteImmediate(5 << 20, new byte[4096]));
+            if (device.TryReadImmediate(2 << 20, buffer))
+            {
+                Assert.All(buffer.AsSpan(0, 4096).ToArray(), b => Assert.Equal(0x22, b));
+                Assert.All(buffer.AsSpan(4096).ToArray(), b => Assert.Equal(0x33, b));
+            }
+
+            Assert.True(device.TryReadImmediate(6 << 20, buffer)); // unallocated, no backing file: zeroes
+            Assert.All(buffer, b => Assert.Equal(0, b));
+        }
+
+        await Qemu.AssertConsistent(image, allowLeaks: false);
+        await Qemu.Io(image, "qcow2", "read -P 0x33 2101248 4096", "read -P 0x11 4096 4096");
+    }
 }
