@@ -167,7 +167,7 @@ public sealed class NbdBlockDevice : BlockDevice
         BlockStatusResult answer;
         try
         {
-            answer = await Client.GetBlockStatusAsync(start, end - start, MetaContexts.BaseAllocation, CommandFlags.None, cancellationToken).ConfigureAwait(false);
+            answer = await Client.GetBlockStatusAsync(start, end - start, Spindle.Protocol.MetaContexts.BaseAllocation, CommandFlags.None, cancellationToken).ConfigureAwait(false);
         }
         catch (Exception exception) when (Translate(exception) is { } translated)
         {
