@@ -57,19 +57,29 @@ internal static class Qcow2Snapshots
             throw new Qcow2FormatException($"snapshot table offset {header.SnapshotsOffset} is not a cluster-aligned offset inside the file");
         }
 
-        // Read the table in pieces: entries are variable length, so read a bounded window and refill when needed.
-        var available = Math.Min(file.Length - offset, MaximumTableBytes);
-        var table = new byte[available];
-        file.Read(table, offset);
-        var position = 0;
+        // Entries are read one at a time (the fixed part, then the variable part), so a small table costs little and a
+        // hostile count stops at the file's end or qemu's 64 MiB limit instead of allocating it up front.
+        var limit = Math.Min(file.Length - offset, MaximumTableBytes);
+        var position = 0L;
+        var fixedPart = new byte[40];
         for (var i = 0; i < header.SnapshotCount; i++)
         {
-            if (position + 40 > table.Length)
+            if (position + 40 > limit)
             {
                 throw new Qcow2FormatException($"snapshot table entry {i} runs past the end of the file or qemu's 64 MiB limit");
             }
 
-            var entry = table.AsSpan(position);
+            file.Read(fixedPart, offset + position);
+            var variableLength = (long)BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(36)) + BinaryPrimitives.ReadUInt16BigEndian(fixedPart.AsSpan(12)) + BinaryPrimitives.ReadUInt16BigEndian(fixedPart.AsSpan(14));
+            if (variableLength > MaximumExtraData + (2 * ushort.MaxValue) || position + 40 + variableLength > limit)
+            {
+                throw new Qcow2FormatException($"snapshot table entry {i} runs past the end of the file");
+            }
+
+            var table = new byte[40 + variableLength];
+            fixedPart.CopyTo(table, 0);
+            file.Read(table.AsSpan(40), offset + position + 40);
+            var entry = table.AsSpan();
             var l1Offset = BinaryPrimitives.ReadUInt64BigEndian(entry);
             var l1Size = BinaryPrimitives.ReadUInt32BigEndian(entry[8..]);
             int idLength = BinaryPrimitives.ReadUInt16BigEndian(entry[12..]);
@@ -85,10 +95,6 @@ internal static class Qcow2Snapshots
             }
 
             var entryLength = 40 + (int)extraLength + idLength + nameLength;
-            if (position + entryLength > table.Length)
-            {
-                throw new Qcow2FormatException($"snapshot table entry {i} runs past the end of the file");
-            }
 
             var extra = entry.Slice(40, (int)extraLength);
             var size = imageSize;
