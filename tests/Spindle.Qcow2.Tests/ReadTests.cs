@@ -134,6 +134,21 @@ public sealed class ReadTests
         }
 
         Assert.True(await Qemu.Same(directory.File("dump.raw"), "raw", source, "raw"));
+
+        // Overwriting compressed clusters copies them into normal clusters and releases the compressed sectors
+        // (several compressed clusters share a host cluster: its refcount counts them).
+        var operations = new Random(11);
+        await using (var model = new FileStream(source, FileMode.Open, FileAccess.ReadWrite))
+        await using (var device = Qcow2Image.Open(image))
+        {
+            for (var i = 0; i < 150; i++)
+            {
+                await WriteTests.RandomOperation(device, model, operations, 16L << 20, device.ClusterSize);
+            }
+        }
+
+        await Qemu.AssertConsistent(image, allowLeaks: false);
+        Assert.True(await Qemu.Same(source, "raw", image, "qcow2"));
     }
 
     [Fact]
