@@ -13,18 +13,35 @@ namespace Spindle.Qcow2.Tests;
 /// </summary>
 public sealed class CrashTests(ITestOutputHelper output)
 {
-    private const int Slots = 128;
+    private const int Slots = 256;
     private const int SlotSize = 64 * 1024;
 
     [Theory]
-    [InlineData("compat=1.1,cluster_size=4096", 10)]
-    [InlineData("compat=1.1,cluster_size=512,refcount_bits=64", 8)]
-    [InlineData("compat=1.1,cluster_size=65536,extended_l2=on", 6)]
-    [InlineData("compat=0.10,cluster_size=65536", 6)]
-    public async Task Killed_writer_leaves_a_consistent_image_holding_every_acknowledged_write(string options, int kills)
+    [InlineData("compat=1.1,cluster_size=4096", "", 8)]
+    [InlineData("compat=1.1,cluster_size=512,refcount_bits=64", "", 6)]
+    [InlineData("compat=1.1,cluster_size=65536,extended_l2=on", "backing", 5)]
+    [InlineData("compat=1.1,cluster_size=16384", "snapshot", 6)]
+    [InlineData("compat=0.10,cluster_size=65536", "", 5)]
+    public async Task Killed_writer_leaves_a_consistent_image_holding_every_acknowledged_write(string options, string setup, int kills)
     {
         using var directory = new TempDirectory();
-        var image = await Qemu.Create(directory, "crash.qcow2", options, (long)Slots * SlotSize);
+        var size = (long)Slots * SlotSize;
+        if (setup == "backing")
+        {
+            // Writes copy on write from a backing file that has data everywhere.
+            var backing = await Qemu.Create(directory, "backing.qcow2", "compat=1.1", size);
+            await Qemu.Io(backing, "qcow2", $"write -P 0x5a 0 {size}");
+            options += ",backing_file=backing.qcow2,backing_fmt=qcow2";
+        }
+
+        var image = await Qemu.Create(directory, "crash.qcow2", options, size);
+        if (setup == "snapshot")
+        {
+            // Every first write to a cluster copies it away from the snapshot (shared clusters, shared L2 tables).
+            await Qemu.Io(image, "qcow2", $"write -P 0x5a 0 {size}");
+            await Qemu.Img("snapshot", "-c", "kept", image);
+        }
+
         var random = new Random(kills * 31 + options.Length);
         var verified = 0;
         var leaks = 0;
@@ -41,7 +58,13 @@ public sealed class CrashTests(ITestOutputHelper output)
                 }
 
                 Assert.True(lines.Contains("OPEN"), $"the writer did not start: {string.Join('\n', lines)}");
-                await Task.Delay(random.Next(5, 250));
+
+                // Kill after a random number of acknowledgements (or at once), so the kill lands mid-run.
+                var target = random.Next(0, Slots * 3 / 4);
+                while (lines.Count(l => l.StartsWith("ACK", StringComparison.Ordinal)) < target && !process.HasExited && opened.Elapsed < TimeSpan.FromSeconds(60))
+                {
+                    await Task.Delay(1);
+                }
             }
             finally
             {
@@ -80,7 +103,13 @@ public sealed class CrashTests(ITestOutputHelper output)
         }
 
         await Qemu.AssertConsistent(image, allowLeaks: false);
-        output.WriteLine($"{options}: {kills} kills, {verified} acknowledged writes verified, {leaks} leaked clusters repaired, no corruption");
+        if (setup == "snapshot")
+        {
+            await Qemu.Img("convert", "-q", "-f", "qcow2", "-l", "snapshot.name=kept", "-O", "raw", image, directory.File("kept.raw"));
+            Assert.Equal(-1, (await File.ReadAllBytesAsync(directory.File("kept.raw"))).AsSpan().IndexOfAnyExcept((byte)0x5a));
+        }
+
+        output.WriteLine($"{options} {setup}: {kills} kills, {verified} acknowledged writes verified, {leaks} leaked clusters repaired, no corruption");
         Assert.True(verified > 0, "no write was acknowledged before the kills");
     }
 
