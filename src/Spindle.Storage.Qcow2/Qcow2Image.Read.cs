@@ -7,13 +7,13 @@ public sealed partial class Qcow2Image
 {
     public override ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken)
     {
-        ReadLayer(offset, destination.Span);
+        ReadGuest(offset, destination.Span);
         return ValueTask.CompletedTask;
     }
 
     /// <summary>Reads guest bytes: data clusters straight from the file (outside the metadata lock), zero clusters as
     /// zeroes, unallocated ones through the backing chain, compressed ones decompressed.</summary>
-    public void ReadLayer(long offset, Span<byte> destination)
+    internal void ReadGuest(long offset, Span<byte> destination)
     {
         _gate.Enter();
         try
@@ -184,7 +184,7 @@ public sealed partial class Qcow2Image
     public override ValueTask GetExtentsAsync(long offset, long length, ExtentList extents, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(extents);
-        DescribeLayer(offset, length, extents);
+        DescribeGuest(offset, length, extents);
         return ValueTask.CompletedTask;
     }
 
@@ -192,7 +192,7 @@ public sealed partial class Qcow2Image
     /// base:allocation as qemu reports it for qcow2: data and compressed clusters are data, zero clusters hole|zero,
     /// unallocated ones what the backing chain says (hole|zero with no backing file or past its end).
     /// </summary>
-    public void DescribeLayer(long offset, long length, ExtentList extents)
+    internal void DescribeGuest(long offset, long length, ExtentList extents)
     {
         var end = offset + length;
         var position = offset;
@@ -243,7 +243,7 @@ public sealed partial class Qcow2Image
     /// this image does (data, compressed or zero clusters), 2 for its backing file and so on. Past the end of a
     /// shorter backing file the zeroes count as allocated by that backing file, as qemu counts them.
     /// </summary>
-    public long DepthLayer(long offset, long length, out int depth)
+    internal long DepthOf(long offset, long length, out int depth)
     {
         Run run;
         lock (_meta)
@@ -274,6 +274,12 @@ public sealed partial class Qcow2Image
         depth = below == 0 ? 0 : below + 1;
         return span;
     }
+
+    void IChainLayer.ReadLayer(long offset, Span<byte> destination) => ReadGuest(offset, destination);
+
+    void IChainLayer.DescribeLayer(long offset, long length, ExtentList extents) => DescribeGuest(offset, length, extents);
+
+    long IChainLayer.DepthLayer(long offset, long length, out int depth) => DepthOf(offset, length, out depth);
 
     private void OpenBacking(Qcow2OpenOptions options, List<string> chain)
     {
@@ -342,7 +348,7 @@ public sealed partial class Qcow2Image
             var position = offset;
             while (position < end && !status.IsFull)
             {
-                var span = image.DepthLayer(position, end - position, out var depth);
+                var span = image.DepthOf(position, end - position, out var depth);
                 if (span <= 0)
                 {
                     throw new BlockDeviceException(NbdError.IO, $"allocation depth at {position} could not be determined");
