@@ -105,6 +105,53 @@ public sealed class RefusalTests
         Assert.Equal(l1, (long)BinaryPrimitives.ReadUInt64BigEndian((await File.ReadAllBytesAsync(image)).AsSpan(40)));
     }
 
+    [Fact]
+    public async Task A_metadata_cluster_with_refcount_zero_is_never_allocated()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "refcount.qcow2", "compat=1.1,cluster_size=65536", 16L << 20);
+        var bytes = await File.ReadAllBytesAsync(image);
+        var l1 = (long)BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan(40));
+        SetRefcount(bytes, l1 / 65536, 0); // the L1 table's cluster now looks free
+        await File.WriteAllBytesAsync(image, bytes);
+
+        await using var device = Qcow2Image.Open(image);
+        var error = await Assert.ThrowsAsync<BlockDeviceException>(async () => await device.WriteAsync(0, new byte[4096], fua: false, CancellationToken.None));
+        Assert.Equal(NbdError.IO, error.Error);
+        Assert.Contains("holds metadata", error.Message, StringComparison.Ordinal);
+        Assert.True(device.IsCorrupt);
+        Assert.Equal(l1, (long)BinaryPrimitives.ReadUInt64BigEndian((await File.ReadAllBytesAsync(image)).AsSpan(40)));
+    }
+
+    [Fact]
+    public async Task A_refcount_that_would_drop_below_zero_fails_the_flush_and_marks_the_image_corrupt()
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "underflow.qcow2", "compat=1.1,cluster_size=65536", 16L << 20);
+        await Qemu.Io(image, "qcow2", "write -P 3 0 64k");
+        var bytes = await File.ReadAllBytesAsync(image);
+        var l1 = (long)BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan(40));
+        var l2 = (long)(BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan((int)l1)) & 0x00FF_FFFF_FFFF_FE00);
+        var data = (long)(BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan((int)l2)) & 0x00FF_FFFF_FFFF_FE00);
+        SetRefcount(bytes, data / 65536, 0);
+        await File.WriteAllBytesAsync(image, bytes);
+
+        await using var device = Qcow2Image.Open(image);
+        await device.TrimAsync(0, 65536, fua: false, CancellationToken.None);
+        var error = await Assert.ThrowsAsync<BlockDeviceException>(async () => await device.FlushAsync(CancellationToken.None));
+        Assert.Contains("below zero", error.Message, StringComparison.Ordinal);
+        Assert.True(device.IsCorrupt);
+        await Assert.ThrowsAsync<BlockDeviceException>(async () => await device.WriteAsync(0, new byte[512], fua: false, CancellationToken.None));
+    }
+
+    /// <summary>Sets a 16-bit refcount (the default refcount_order 4) in the image's first refcount block.</summary>
+    private static void SetRefcount(byte[] image, long cluster, ushort value)
+    {
+        var reftable = (long)BinaryPrimitives.ReadUInt64BigEndian(image.AsSpan(48));
+        var block = (long)BinaryPrimitives.ReadUInt64BigEndian(image.AsSpan((int)reftable));
+        BinaryPrimitives.WriteUInt16BigEndian(image.AsSpan((int)(block + (cluster * 2))), value);
+    }
+
     private static void SetIncompatibleBits(string image, ulong bits)
     {
         using var file = new FileStream(image, FileMode.Open, FileAccess.ReadWrite);
