@@ -29,7 +29,21 @@ public sealed partial class Qcow2Image
     /// <summary>The image's persistent bitmaps (none when a snapshot is opened, or the extension is inconsistent).</summary>
     public IReadOnlyList<Qcow2BitmapInfo> Bitmaps => _bitmaps.Select(b => new Qcow2BitmapInfo(b.Name, 1L << b.GranularityBits, (b.Flags & BitmapAuto) != 0, b.InUseAtOpen, b.Usable)).ToList();
 
-    private bool BitmapTablesDirty => _bitmaps.Any(b => b.TableDirty);
+    private bool BitmapTablesDirty
+    {
+        get
+        {
+            foreach (var bitmap in _bitmaps)
+            {
+                if (bitmap.TableDirty)
+                {
+                    return true;
+                }
+            }
+
+            return false;
+        }
+    }
 
     /// <summary>Reads the bitmap directory and every usable bitmap into memory.</summary>
     private void LoadBitmaps()

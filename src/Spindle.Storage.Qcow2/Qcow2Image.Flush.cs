@@ -26,6 +26,7 @@ public sealed partial class Qcow2Image
         }
 
         List<(long Offset, long Length)>? frees = null;
+        var clean = false;
         lock (_meta)
         {
             EnsureWritable();
@@ -36,7 +37,19 @@ public sealed partial class Qcow2Image
                 _pendingFrees = [];
             }
 
-            FlushMetadataLocked();
+            clean = frees is null && !MetadataDirtyLocked;
+            if (!clean)
+            {
+                FlushMetadataLocked();
+            }
+        }
+
+        if (clean)
+        {
+            // Every completed write's metadata is already written: only the data needs the sync, and it runs outside
+            // the lock so that lookups (and other requests) go on meanwhile.
+            _file.Sync();
+            return;
         }
 
         if (frees is null)
@@ -57,6 +70,9 @@ public sealed partial class Qcow2Image
             _gate.Release();
         }
     }
+
+    private bool MetadataDirtyLocked =>
+        _refblocks.AnyDirty || _dirtyReftable.Count > 0 || _l2Cache.AnyDirty || BitmapTablesDirty || _dirtyL1.Count > 0;
 
     private void MaybeApplyFrees()
     {
