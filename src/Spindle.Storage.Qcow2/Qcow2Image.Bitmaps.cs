@@ -21,10 +21,18 @@ public sealed partial class Qcow2Image
     private const uint BitmapExtraDataCompatible = 1u << 2;
     private const long MaximumBitmapDirectory = 1024L * 65535; // qemu's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
     private const long MaximumBitmapBytes = 64L * 1024 * 1024; // qemu's BME_MAX_PHYS_SIZE
+    private const long MaximumTotalBitmapBytes = 256L * 1024 * 1024; // all bitmaps of one image, held in memory
 
     private readonly List<DirtyBitmap> _bitmaps = [];
+    private readonly List<string> _warnings = [];
     private readonly List<MetaContextSource> _metaContexts = [];
     private DirtyBitmap[] _trackedBitmaps = [];
+
+    /// <summary>
+    /// What was found at open and is worth telling the user though the image opened: bitmaps that are inconsistent
+    /// (left in use by a crash) or ignored, a bitmaps extension without its autoclear bit.
+    /// </summary>
+    public IReadOnlyList<string> Warnings => _warnings;
 
     /// <summary>The image's persistent bitmaps (none when a snapshot is opened, or the extension is inconsistent).</summary>
     public IReadOnlyList<Qcow2BitmapInfo> Bitmaps => _bitmaps.Select(b => new Qcow2BitmapInfo(b.Name, 1L << b.GranularityBits, (b.Flags & BitmapAuto) != 0, b.InUseAtOpen, b.Usable)).ToList();
@@ -48,9 +56,15 @@ public sealed partial class Qcow2Image
     /// <summary>Reads the bitmap directory and every usable bitmap into memory.</summary>
     private void LoadBitmaps()
     {
-        if (_header.Bitmaps is not { } extension || _header.Version < 3 || (_header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) == 0)
+        if (_header.Bitmaps is not { } extension || _header.Version < 3)
+        {
+            return;
+        }
+
+        if ((_header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) == 0)
         {
             // Without the autoclear bit the extension "must be considered inconsistent" (qcow2.txt autoclear bit 0).
+            _warnings.Add("the bitmaps extension is inconsistent (its autoclear bit is clear, e.g. an older program wrote the image): bitmaps ignored");
             return;
         }
 
@@ -75,15 +89,31 @@ public sealed partial class Qcow2Image
 
         var position = 0;
         var names = new HashSet<string>(StringComparer.Ordinal);
+        long totalBytes = 0;
         for (var i = 0; i < count; i++)
         {
             var bitmap = ParseBitmapEntry(directory, ref position, (long)directoryOffset, i);
+            totalBytes += bitmap.DataBytes + (bitmap.Table.Length * 8L);
+            if (totalBytes > MaximumTotalBitmapBytes)
+            {
+                throw new Qcow2FormatException($"{_file.Path}: the bitmaps need more than {MaximumTotalBitmapBytes} bytes of memory together");
+            }
+
             if (!names.Add(bitmap.Name))
             {
                 throw new Qcow2FormatException($"{_file.Path}: two bitmaps are named '{bitmap.Name}'");
             }
 
             _bitmaps.Add(bitmap);
+            if (bitmap.InUseAtOpen)
+            {
+                _warnings.Add($"bitmap '{bitmap.Name}' is inconsistent: it was in use when the image was last closed (a crash); it is neither exposed nor updated");
+            }
+            else if (!bitmap.Usable)
+            {
+                _warnings.Add($"bitmap '{bitmap.Name}' has an unknown type or incompatible extra data: left as it is");
+            }
+
             if (bitmap.Usable)
             {
                 LoadBitmapData(bitmap);

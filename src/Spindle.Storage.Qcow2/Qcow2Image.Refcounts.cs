@@ -5,6 +5,9 @@ namespace Spindle.Storage.Qcow2;
 
 public sealed partial class Qcow2Image
 {
+    /// <summary>The most clusters the snapshot L1 tables may add to the metadata set (a bound on open-time work).</summary>
+    private const long MaximumMetadataClusters = 16L << 20;
+
     private const ulong ReftableOffsetMask = 0xFFFF_FFFF_FFFF_FE00; // refcount table entry: bits 9-63
 
     private readonly HashSet<int> _dirtyL1 = [];
@@ -64,12 +67,29 @@ public sealed partial class Qcow2Image
         if (_header.SnapshotCount > 0)
         {
             AddMetadata((long)_header.SnapshotsOffset, 1);
+            // Bounded work: each snapshot L1 table must lie in the file within qemu's limit, and all of them together
+            // may not name more clusters than a hostile table could make us walk for long.
+            long clusters = 0;
             foreach (var snapshot in _snapshots)
             {
-                if (snapshot.L1TableOffset > 0 && snapshot.L1Size > 0)
+                if (snapshot.L1TableOffset <= 0 || snapshot.L1Size <= 0)
                 {
-                    AddMetadata(snapshot.L1TableOffset, snapshot.L1Size * 8L);
+                    continue;
                 }
+
+                var bytes = snapshot.L1Size * 8L;
+                if (bytes > MaximumL1Bytes || (snapshot.L1TableOffset & _clusterMask) != 0 || snapshot.L1TableOffset > _file.Length - bytes)
+                {
+                    throw new Qcow2FormatException($"{_file.Path}: snapshot '{snapshot.Name}' has an invalid L1 table; repair it with 'qemu-img check -r all'");
+                }
+
+                clusters += (bytes + _clusterMask) >> _clusterBits;
+                if (clusters > MaximumMetadataClusters)
+                {
+                    throw new Qcow2FormatException($"{_file.Path}: the snapshot L1 tables name more than {MaximumMetadataClusters} clusters");
+                }
+
+                AddMetadata(snapshot.L1TableOffset, bytes);
             }
         }
     }

@@ -25,7 +25,7 @@ internal sealed class TableCache<T>
     public TableCache(int capacity, Action<long, T> writeBack)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(capacity, 1);
-        _index = new Dictionary<long, int>(capacity);
+        _index = new Dictionary<long, int>(Math.Min(capacity, 1024));
         _offsets = new long[capacity];
         _values = new T?[capacity];
         _dirty = new bool[capacity];

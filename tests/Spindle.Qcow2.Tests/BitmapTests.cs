@@ -111,6 +111,7 @@ public sealed class BitmapTests
             Assert.True(info.InUse);
             Assert.False(info.Usable);
             Assert.DoesNotContain(device.MetaContexts, c => c.Name.StartsWith("qemu:dirty-bitmap:", StringComparison.Ordinal));
+            Assert.Contains(device.Warnings, w => w.Contains("'b' is inconsistent", StringComparison.Ordinal));
         }
 
         // qemu agrees: it refuses to export an inconsistent bitmap.
