@@ -198,7 +198,26 @@ public sealed class WriteTests
                     }
                 }
             })).ToArray();
-            await Task.WhenAll(tasks);
+
+            // Readers run meanwhile, through both read paths: every byte of a slot is 0 or its writer's.
+            var readers = Enumerable.Range(0, 4).Select(reader => Task.Run(async () =>
+            {
+                var random = new Random(100 + reader);
+                var buffer = new byte[65536];
+                while (!tasks.All(t => t.IsCompleted))
+                {
+                    var slot = random.Next(Writers);
+                    var offset = (long)slot * Slot + (random.Next(Slot / 65536) * 65536L);
+                    if (!device.TryReadImmediate(offset, buffer))
+                    {
+                        await device.ReadAsync(offset, buffer, CancellationToken.None);
+                    }
+
+                    var bad = buffer.AsSpan().IndexOfAnyExcept((byte)0, (byte)(slot + 1));
+                    Assert.True(bad < 0, $"slot {slot} holds a foreign byte at {offset + Math.Max(bad, 0)}");
+                }
+            })).ToArray();
+            await Task.WhenAll(tasks.Concat(readers));
         }
 
         await Qemu.AssertConsistent(image, allowLeaks: false);
