@@ -373,6 +373,11 @@ public sealed partial class Qcow2Image
     /// <summary>Done once a writable image is open: unknown autoclear bits cleared (qcow2.txt), bitmaps marked in use.</summary>
     private void PrepareForWriting()
     {
+        if ((_header.IncompatibleFeatures & Qcow2Header.IncompatibleDirty) != 0)
+        {
+            RebuildRefcounts();
+        }
+
         if (_header.Version >= 3)
         {
             var keep = _header.AutoclearFeatures & (_header.Bitmaps is not null ? Qcow2Header.AutoclearBitmaps : 0);

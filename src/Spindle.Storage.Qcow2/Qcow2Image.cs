@@ -37,6 +37,7 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
     private readonly TableCache<ulong[]> _l2Cache;
     private readonly InFlightGate _gate = new();
     private readonly IReadOnlyList<Qcow2SnapshotInfo> _snapshots;
+    private readonly long _snapshotTableLength;
     private IChainLayer? _backing;
     private volatile bool _corrupt;
     private bool _disposed;
@@ -58,6 +59,7 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
         var l1Offset = (long)Math.Min(header.L1TableOffset, long.MaxValue);
         var l1Size = header.L1Size;
         _snapshots = Qcow2Snapshots.Read(file, header, size, out var snapshotTableLength);
+        _snapshotTableLength = snapshotTableLength;
         if (snapshotName is not null)
         {
             var snapshot = Qcow2Snapshots.Find(_snapshots, snapshotName) ?? throw new Qcow2FormatException(
@@ -207,7 +209,7 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
         try
         {
             var header = ReadHeader(file);
-            CheckSupported(header, file.Path, readOnly);
+            CheckSupported(header, file.Path, readOnly, options);
             image = new Qcow2Image(file, header, options, readOnly, snapshot);
             chain.Add(CanonicalPath(fullPath));
             image.OpenBacking(options, chain);
@@ -254,7 +256,7 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
     }
 
     /// <summary>Refuses what this backend does not implement, naming it (qcow2.txt "Header", incompatible_features).</summary>
-    private static void CheckSupported(Qcow2Header header, string path, bool readOnly)
+    private static void CheckSupported(Qcow2Header header, string path, bool readOnly, Qcow2OpenOptions options)
     {
         if (header.CryptMethod != 0 || header.HasCryptoHeader)
         {
@@ -296,10 +298,10 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
             throw new Qcow2FormatException($"{path} is marked corrupt; open it read-only, or repair it with 'qemu-img check -r all'");
         }
 
-        if ((header.IncompatibleFeatures & Qcow2Header.IncompatibleDirty) != 0)
+        if ((header.IncompatibleFeatures & Qcow2Header.IncompatibleDirty) != 0 && !options.RepairDirtyRefcounts)
         {
             throw new Qcow2FormatException($"{path} is dirty (it was not closed cleanly while using lazy refcounts), so its refcounts may be wrong; " +
-                                           "repair it with 'qemu-img check -r all', or open it read-only");
+                                           "repair it with 'qemu-img check -r all' (or open with RepairDirtyRefcounts), or open it read-only");
         }
     }
 

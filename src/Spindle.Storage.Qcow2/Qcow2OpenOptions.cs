@@ -11,6 +11,13 @@ public sealed class Qcow2OpenOptions
     public bool ReadOnly { get; init; }
 
     /// <summary>
+    /// Rebuild the refcounts of an image left dirty by a crash with lazy refcounts when it is opened for writing, as
+    /// qemu does (a new refcount structure is written, then switched to, then the dirty bit is cleared). Default:
+    /// true. When false such an image is refused for writing with a message naming <c>qemu-img check -r all</c>.
+    /// </summary>
+    public bool RepairDirtyRefcounts { get; init; } = true;
+
+    /// <summary>
     /// An internal snapshot to expose instead of the active image, by id or (when no id matches) by name, as
     /// <c>qemu-img convert -l</c> looks it up. Requires <see cref="ReadOnly"/>. Default: null (the active image).
     /// </summary>

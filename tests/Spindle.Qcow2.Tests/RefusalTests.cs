@@ -65,16 +65,58 @@ public sealed class RefusalTests
     }
 
     [Fact]
-    public async Task A_dirty_image_with_lazy_refcounts_is_refused_for_writing()
+    public async Task A_dirty_image_with_lazy_refcounts_is_refused_for_writing_when_repair_is_off()
     {
         using var directory = new TempDirectory();
         var image = await Qemu.Create(directory, "dirty.qcow2", "compat=1.1,lazy_refcounts=on", 1 << 20);
         SetIncompatibleBits(image, 1UL << 0);
-        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image));
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image, new Qcow2OpenOptions { RepairDirtyRefcounts = false }));
         Assert.Contains("dirty", error.Message, StringComparison.Ordinal);
         Assert.Contains("qemu-img check -r all", error.Message, StringComparison.Ordinal);
         await using var device = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
         Assert.Equal(1 << 20, device.Size);
+    }
+
+    [Theory]
+    [InlineData("compat=1.1,lazy_refcounts=on,cluster_size=65536")]
+    [InlineData("compat=1.1,lazy_refcounts=on,cluster_size=4096,refcount_bits=8")]
+    [InlineData("compat=1.1,lazy_refcounts=on,cluster_size=65536,extended_l2=on")]
+    public async Task A_dirty_image_left_by_a_qemu_crash_has_its_refcounts_rebuilt_on_writable_open(string options)
+    {
+        using var directory = new TempDirectory();
+        var image = await Qemu.Create(directory, "lazy.qcow2", options, 16L << 20);
+        await Qemu.Io(image, "qcow2", "write -P 1 0 2M");
+        await Qemu.Img("snapshot", "-c", "s1", image);
+        await Qemu.Img("bitmap", "--add", image, "b1");
+
+        // qemu-io's abort command crashes qemu-io mid-session: with lazy refcounts the image stays dirty.
+        var crashed = await PeerTool.RunAsync("qemu-io", ["-f", "qcow2", "-c", "write -P 2 1M 2M", "-c", "write -P 3 8M 1M", "-c", "flush", "-c", "abort", image]);
+        Assert.NotEqual(0, crashed.ExitCode);
+        using (var info = await Qemu.Info(image, "-U"))
+        {
+            Assert.True(info.RootElement.GetProperty("dirty-flag").GetBoolean(), "qemu-io abort did not leave the image dirty");
+        }
+
+        var model = directory.File("model.raw");
+        await Qemu.Img("convert", "-q", "-U", "-f", "qcow2", "-O", "raw", image, model);
+        await using (var modelFile = new FileStream(model, FileMode.Open, FileAccess.ReadWrite))
+        await using (var device = Qcow2Image.Open(image))
+        {
+            Assert.True(device.RefcountsRebuilt);
+            var random = new Random(9);
+            for (var i = 0; i < 100; i++)
+            {
+                await WriteTests.RandomOperation(device, modelFile, random, 16L << 20, device.ClusterSize);
+            }
+        }
+
+        using (var info = await Qemu.Info(image))
+        {
+            Assert.False(info.RootElement.GetProperty("dirty-flag").GetBoolean());
+        }
+
+        await Qemu.AssertConsistent(image, allowLeaks: false);
+        Assert.True(await Qemu.Same(model, "raw", image, "qcow2"));
     }
 
     [Fact]
