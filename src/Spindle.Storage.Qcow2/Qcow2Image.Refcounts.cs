@@ -5,8 +5,8 @@ namespace Spindle.Storage.Qcow2;
 
 public sealed partial class Qcow2Image
 {
-    /// <summary>The most clusters the snapshot L1 tables may add to the metadata set (a bound on open-time work).</summary>
-    private const long MaximumMetadataClusters = 16L << 20;
+    /// <summary>The most bytes all snapshot L1 tables together may take (a bound on open-time work and memory).</summary>
+    private const long MaximumSnapshotL1Bytes = 1L << 30;
 
     private const ulong ReftableOffsetMask = 0xFFFF_FFFF_FFFF_FE00; // refcount table entry: bits 9-63
 
@@ -69,7 +69,7 @@ public sealed partial class Qcow2Image
             AddMetadata((long)_header.SnapshotsOffset, 1);
             // Bounded work: each snapshot L1 table must lie in the file within qemu's limit, and all of them together
             // may not name more clusters than a hostile table could make us walk for long.
-            long clusters = 0;
+            long total = 0;
             foreach (var snapshot in _snapshots)
             {
                 if (snapshot.L1TableOffset <= 0 || snapshot.L1Size <= 0)
@@ -83,10 +83,10 @@ public sealed partial class Qcow2Image
                     throw new Qcow2FormatException($"{_file.Path}: snapshot '{snapshot.Name}' has an invalid L1 table; repair it with 'qemu-img check -r all'");
                 }
 
-                clusters += (bytes + _clusterMask) >> _clusterBits;
-                if (clusters > MaximumMetadataClusters)
+                total += bytes;
+                if (total > MaximumSnapshotL1Bytes)
                 {
-                    throw new Qcow2FormatException($"{_file.Path}: the snapshot L1 tables name more than {MaximumMetadataClusters} clusters");
+                    throw new Qcow2FormatException($"{_file.Path}: the snapshot L1 tables take more than {MaximumSnapshotL1Bytes} bytes together");
                 }
 
                 AddMetadata(snapshot.L1TableOffset, bytes);

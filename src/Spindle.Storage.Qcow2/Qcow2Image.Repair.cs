@@ -5,7 +5,7 @@ namespace Spindle.Storage.Qcow2;
 public sealed partial class Qcow2Image
 {
     /// <summary>The most host clusters a refcount rebuild counts in memory (4 bytes each).</summary>
-    private const long MaximumRebuildClusters = 1L << 28;
+    private const long MaximumRebuildClusters = 1L << 26;
 
     /// <summary>
     /// Rebuilds the refcounts of an image left dirty by a crash with lazy refcounts (qcow2.txt incompatible bit 0:
@@ -24,7 +24,7 @@ public sealed partial class Qcow2Image
         }
 
         var counts = new uint[fileClusters];
-        void Count(long offset, long length, string what)
+        void Count(long offset, long length, string what, uint times = 1)
         {
             if (length <= 0)
             {
@@ -38,7 +38,7 @@ public sealed partial class Qcow2Image
 
             for (var cluster = offset >> _clusterBits; cluster <= (offset + length - 1) >> _clusterBits; cluster++)
             {
-                counts[cluster]++;
+                counts[cluster] = (uint)Math.Min((ulong)counts[cluster] + times, uint.MaxValue);
             }
         }
 
@@ -46,36 +46,41 @@ public sealed partial class Qcow2Image
         Count((long)_header.SnapshotsOffset, _snapshotTableLength, "snapshot table");
         var tables = new List<(long Offset, int Entries, bool Active)> { ((long)_header.L1TableOffset, (int)_header.L1Size, true) };
         tables.AddRange(_snapshots.Where(s => s.L1Size > 0).Select(s => (s.L1TableOffset, s.L1Size, false)));
+        // Each L1 path to an L2 table counts the table and its clusters once: shared tables are read once and their
+        // clusters counted as many times as tables point at them, so the work is bounded by the file, not the paths.
         var l2 = new byte[_clusterSize];
         var stride = _extended ? 16 : 8;
+        var paths = new Dictionary<long, uint>();
         foreach (var (offset, entries, active) in tables)
         {
             Count(offset, entries * 8L, "L1 table");
-            var l1 = active ? _l1 : ReadTable(offset, entries);
-            foreach (var l1Entry in l1)
+            foreach (var l1Entry in active ? _l1 : ReadTable(offset, entries))
             {
                 var table = (long)(l1Entry & OffsetMask);
-                if (table == 0)
+                if (table != 0)
                 {
-                    continue;
+                    Count(table, _clusterSize, "L2 table");
+                    paths[table] = paths.GetValueOrDefault(table) + 1;
                 }
+            }
+        }
 
-                Count(table, _clusterSize, "L2 table");
-                _file.Read(l2, table);
-                for (var i = 0; i < _clusterSize; i += stride)
+        foreach (var (table, times) in paths)
+        {
+            _file.Read(l2, table);
+            for (var i = 0; i < _clusterSize; i += stride)
+            {
+                var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(i));
+                if ((entry & CompressedFlag) != 0)
                 {
-                    var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(i));
-                    if ((entry & CompressedFlag) != 0)
-                    {
-                        var x = 62 - (_clusterBits - 8);
-                        var start = (long)(entry & ((1UL << x) - 1));
-                        var sectors = (long)((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
-                        Count(start & ~511L, sectors * 512, "compressed cluster");
-                    }
-                    else if ((entry & OffsetMask) != 0)
-                    {
-                        Count((long)(entry & OffsetMask), _clusterSize, "data cluster");
-                    }
+                    var x = 62 - (_clusterBits - 8);
+                    var start = (long)(entry & ((1UL << x) - 1));
+                    var sectors = (long)((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
+                    Count(start & ~511L, sectors * 512, "compressed cluster", times);
+                }
+                else if ((entry & OffsetMask) != 0)
+                {
+                    Count((long)(entry & OffsetMask), _clusterSize, "data cluster", times);
                 }
             }
         }
@@ -99,9 +104,25 @@ public sealed partial class Qcow2Image
         foreach (var l1Entry in _l1)
         {
             var table = (long)(l1Entry & OffsetMask);
-            if (table != 0 && ((l1Entry & CopiedFlag) != 0) != (counts[table >> _clusterBits] == 1))
+            if (table == 0)
+            {
+                continue;
+            }
+
+            if (((l1Entry & CopiedFlag) != 0) != (counts[table >> _clusterBits] == 1))
             {
                 throw new Qcow2FormatException($"{_file.Path}: its L1 copied flags disagree with the references; run 'qemu-img check -r all'");
+            }
+
+            _file.Read(l2, table);
+            for (var i = 0; i < _clusterSize; i += stride)
+            {
+                var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(i));
+                var host = (long)(entry & OffsetMask);
+                if ((entry & CompressedFlag) == 0 && host != 0 && ((entry & CopiedFlag) != 0) != (counts[host >> _clusterBits] == 1))
+                {
+                    throw new Qcow2FormatException($"{_file.Path}: its L2 copied flags disagree with the references; run 'qemu-img check -r all'");
+                }
             }
         }
 
