@@ -76,7 +76,7 @@ internal sealed class ImageFile : IDisposable
         }
 
         var read = LinuxFile.Read(_handle, destination, offset, LinuxFile.RwfNowait);
-        if (read == -LinuxFile.EOPNOTSUPP || read == -LinuxFile.EINVAL)
+        if (read == -Errno.EOPNOTSUPP || read == -Errno.EINVAL)
         {
             _nowaitUnsupported = true;
         }
@@ -121,13 +121,13 @@ internal sealed class ImageFile : IDisposable
         }
 
         var errno = LinuxFile.Allocate(_handle, LinuxFile.FallocPunchHole | LinuxFile.FallocKeepSize, offset, length);
-        if (errno is LinuxFile.EOPNOTSUPP or LinuxFile.ENOSYS or LinuxFile.EINVAL or LinuxFile.ENODEV)
+        if (errno is Errno.EOPNOTSUPP or Errno.ENOSYS or Errno.EINVAL or Errno.ENODEV)
         {
             _punchUnsupported = true;
         }
         else if (errno != 0)
         {
-            throw new BlockDeviceException(LinuxFile.ToNbdError(errno), $"punching a hole at {offset} in {Path} failed: {Marshal.GetPInvokeErrorMessage(errno)}");
+            throw new BlockDeviceException(Errno.ToNbdError(errno), $"punching a hole at {offset} in {Path} failed: {Marshal.GetPInvokeErrorMessage(errno)}");
         }
     }
 
@@ -135,7 +135,7 @@ internal sealed class ImageFile : IDisposable
 
     private BlockDeviceException Failure(Exception exception, string operation, long offset)
     {
-        var error = exception is UnauthorizedAccessException ? NbdError.NotPermitted : LinuxFile.ToNbdError(exception.HResult);
+        var error = exception is UnauthorizedAccessException ? NbdError.NotPermitted : Errno.ToNbdError(exception.HResult);
         return new BlockDeviceException(error, $"{operation} at {offset} in {Path} failed: {exception.Message}", exception);
     }
 }
