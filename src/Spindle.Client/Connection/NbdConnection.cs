@@ -128,7 +128,9 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     {
         // Certificate files are read before the network is touched, so their problems are reported as such.
         var tls = uri.RequiresTls ? ClientTls.Resolve(uri, options.Tls) : null;
-        var transport = await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
+        var transport = options.ConnectTransport is { } connect
+            ? await connect(uri, cancellationToken).ConfigureAwait(false)
+            : await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
         var receive = new ReceiveBuffer(transport, ReceiveBufferOptions.Client);
         var negotiator = new ClientNegotiator(transport, receive, logger);
         try
