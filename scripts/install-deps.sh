@@ -27,6 +27,7 @@ packages=(
   busybox-static    # the VM's userland
   nbd-client        # copied into the VM: the real kernel client's userspace half
   debootstrap       # builds the Debian 13 root of extended-header peers (scripts/trixie-root.sh)
+  afl++             # afl-fuzz: drives the SharpFuzz-instrumented parsers (scripts/fuzz.sh)
 )
 
 missing=()
