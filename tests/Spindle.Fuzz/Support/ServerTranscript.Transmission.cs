@@ -79,10 +79,15 @@ internal sealed partial class ServerTranscript
         }
     }
 
-    private SentRequest Outstanding(ulong cookie, string what)
+    /// <summary>
+    /// The request a reply answers, or null when the client has several requests in flight under that cookie: the
+    /// client broke the protocol ("MUST NOT" reuse a cookie in flight), so which reply is which cannot be known, and
+    /// the check ends there.
+    /// </summary>
+    private SentRequest? Outstanding(ulong cookie, string what)
     {
         Expect(_outstanding.TryGetValue(cookie, out var queue) && queue.Count > 0, $"{what} for cookie 0x{cookie:x}, which no request in flight has");
-        return queue!.Peek();
+        return queue!.Count == 1 ? queue.Peek() : null;
     }
 
     private void Finish(SentRequest request) => _outstanding[request.Cookie].Dequeue();
@@ -92,7 +97,12 @@ internal sealed partial class ServerTranscript
         Expect(!_extended, "a simple reply with extended headers");
         var reply = Take(Protocol.SimpleReply.Length, "a simple reply");
         var error = BinaryPrimitives.ReadUInt32BigEndian(reply[4..]);
-        var request = Outstanding(BinaryPrimitives.ReadUInt64BigEndian(reply[8..]), "a simple reply");
+        if (Outstanding(BinaryPrimitives.ReadUInt64BigEndian(reply[8..]), "a simple reply") is not { } request)
+        {
+            _s = _server.Length;
+            return;
+        }
+
         Expect(!(_structured && request.Command == NbdCommand.Read), $"a simple reply to {request} with structured replies");
         if (error == 0 && request.Command == NbdCommand.Read)
         {
@@ -104,7 +114,12 @@ internal sealed partial class ServerTranscript
 
     private void Chunk(ushort flags, ReplyType type, ulong cookie, ulong? echoedOffset, ulong length)
     {
-        var request = Outstanding(cookie, $"a {type} chunk");
+        if (Outstanding(cookie, $"a {type} chunk") is not { } request)
+        {
+            _s = _server.Length;
+            return;
+        }
+
         Expect(echoedOffset is null || echoedOffset == request.Offset, $"an extended chunk for {request} echoing offset {echoedOffset}");
         var payload = Take((int)length, $"the payload of a {type} chunk for {request}");
         var done = (flags & (ushort)ReplyFlags.Done) != 0;
