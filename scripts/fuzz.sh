@@ -50,6 +50,7 @@ for target in "${targets[@]}"; do
 
   # -t: one input may take up to 10 s before AFL++ calls it a hang (the targets bound themselves at 5 s and report
   # that as a crash with a message); -V: stop after the time; -m none: the .NET runtime reserves much address space.
+  export SPINDLE_FUZZ_LOG="$work/$target.crashes"
   if ! afl-fuzz -i "$seeds" -o "$out" -t 10000 -m none -V "$seconds" -- "${fuzz[@]}" fuzz "$target" >"$work/$target.log" 2>&1; then
     echo "fuzz: afl-fuzz failed on $target:" >&2
     grep -v 'Fuzzing test case' "$work/$target.log" | tail -20 >&2
@@ -76,7 +77,15 @@ for target in "${targets[@]}"; do
       dotnet tests/Spindle.Fuzz/bin/Release/net10.0/Spindle.Fuzz.dll replay "$target" "$root/$kept" 2>/dev/null | sed 's/^/    /' >&2 || true
     done
   done
-  if [ "$found" -ne 0 ]; then failed+=("$target"); fi
+  if [ "$found" -ne 0 ]; then
+    failed+=("$target")
+    # What the instrumented runs saw (an input may replay clean when an earlier one left something behind).
+    if [ -s "$SPINDLE_FUZZ_LOG" ]; then
+      mkdir -p artifacts/fuzz && cp "$SPINDLE_FUZZ_LOG" "artifacts/fuzz/$target.crashes.log"
+      echo "fuzz: $target: exceptions as the fuzzer saw them (artifacts/fuzz/$target.crashes.log):" >&2
+      head -c 4000 "$SPINDLE_FUZZ_LOG" >&2
+    fi
+  fi
 done
 
 if [ ${#failed[@]} -ne 0 ]; then

@@ -18,11 +18,32 @@ switch (args)
     case ["fuzz", var name]:
         {
             var target = Find(name);
+
+            // afl-fuzz keeps the input, not the exception: SPINDLE_FUZZ_LOG names a file that gets what broke, including
+            // an exception on another thread that ends the process (one left running by an earlier input, say).
+            var log = Environment.GetEnvironmentVariable("SPINDLE_FUZZ_LOG");
+            void Record(string what, object exception)
+            {
+                if (log is not null)
+                {
+                    File.AppendAllText(log, $"{DateTime.UtcNow:O} {name} {what}: {exception}\n");
+                }
+            }
+
+            AppDomain.CurrentDomain.UnhandledException += (_, e) => Record("unhandled exception on another thread", e.ExceptionObject);
             Fuzzer.Run(stream =>
             {
                 using var buffer = new MemoryStream();
                 stream.CopyTo(buffer);
-                target.Run(buffer.ToArray());
+                try
+                {
+                    target.Run(buffer.ToArray());
+                }
+                catch (Exception exception)
+                {
+                    Record($"input of {buffer.Length} bytes ({Convert.ToHexString(buffer.GetBuffer(), 0, (int)Math.Min(buffer.Length, 64))}...)", exception);
+                    throw;
+                }
             });
             return 0;
         }
@@ -54,12 +75,13 @@ switch (args)
         {
             var folder = Path.Combine(directory, target.Name);
             Directory.CreateDirectory(folder);
-            foreach (var (seed, bytes) in target.Seeds())
+            var seeds = target.Seeds().ToList();
+            foreach (var (seed, bytes) in seeds)
             {
                 File.WriteAllBytes(Path.Combine(folder, seed), bytes);
             }
 
-            Console.WriteLine($"{target.Name}: {target.Seeds().Count()} seeds");
+            Console.WriteLine($"{target.Name}: {seeds.Count} seeds");
         }
 
         return 0;

@@ -5,8 +5,8 @@ namespace Spindle.Fuzz.Targets;
 
 /// <summary>
 /// The payload of an ERROR or ERROR_OFFSET chunk (proto.md "Structured reply chunk types"), read both ways. Invariant:
-/// no exception; a parse stays inside the payload, has an offset exactly for ERROR_OFFSET, and a message that is a
-/// protocol string writes back to the same payload.
+/// no exception; a parse stays inside the payload, has an offset exactly for ERROR_OFFSET, and one a server may send
+/// (nonzero error, a protocol string as message) writes back to the same payload.
 /// </summary>
 [Covers(typeof(StructuredReplyChunks), nameof(StructuredReplyChunks.TryReadError))]
 public sealed class ErrorChunks : FuzzTarget
@@ -24,7 +24,9 @@ public sealed class ErrorChunks : FuzzTarget
             var trailer = type == ReplyType.ErrorOffset ? 8 : 0;
             Check.That(input.Length >= 6 + messageLength + trailer, $"{type}: parsed from {input.Length} bytes with a {messageLength}-byte message");
             Check.That(offset.HasValue == (type == ReplyType.ErrorOffset), $"{type}: offset {offset}");
-            if (!NbdString.TryDecode(input.AsSpan(6, messageLength), out var strict, out _) || strict != message || messageLength == 0)
+            // Written back only what a server may send: a nonzero error ("error MUST be nonzero", which the writer
+            // enforces) and a message that is a protocol string.
+            if (error == NbdError.None || messageLength == 0 || !NbdString.TryDecode(input.AsSpan(6, messageLength), out var strict, out _) || strict != message)
             {
                 continue;
             }
