@@ -383,8 +383,6 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
     private void Start()
     {
-        _readLoop = Task.Run(ReadLoopAsync);
-        _writeLoop = Task.Run(WriteLoopAsync);
         var shortest = Math.Min(
             _options.RequestTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.RequestTimeout.Ticks,
             _options.ReplyTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.ReplyTimeout.Ticks);
@@ -393,6 +391,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             var period = TimeSpan.FromTicks(Math.Clamp(shortest / 4, TimeSpan.FromMilliseconds(10).Ticks, TimeSpan.FromSeconds(1).Ticks));
             _timeoutTimer = new Timer(static state => ((NbdConnection)state!).OnTimer(), this, period, period);
         }
+
+        // The timer first: a connection that fails at once must find it to stop it (Fail).
+        _readLoop = Task.Run(ReadLoopAsync);
+        _writeLoop = Task.Run(WriteLoopAsync);
     }
 
     private void OnTimer()
@@ -541,6 +543,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
         _transport.Abort();
         _sendQueue.Writer.TryComplete();
+
+        // The timer serves a live connection only. Its owner drops a failed connection without disposing it, and a
+        // running timer would keep it (buffers, requests, the timer's own ticks) alive for good: one leak per failure.
+        _timeoutTimer?.Dispose();
         drained?.TrySetResult();
         if (Failed is { } owner)
         {
