@@ -28,6 +28,7 @@ public sealed class ReplayTests
     {
         var target = FuzzTargets.Find(name)!;
         var files = FuzzInputs.All().Where(file => Path.GetFileName(Path.GetDirectoryName(file)) != name).ToList();
+        Assert.True(files.Count >= FuzzTargets.All.Count - 1, $"only {files.Count} inputs of other targets found under {FuzzInputs.Root}");
         var failures = FuzzInputs.Failures(target, files);
         Assert.True(failures.Count == 0, $"{failures.Count} of {files.Count} other targets' inputs broke {name}:\n" + string.Join("\n", failures));
     }
