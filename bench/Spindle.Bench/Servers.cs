@@ -176,13 +176,19 @@ internal sealed class NbdServerServer : ServerUnderTest
             throw new InvalidOperationException("nbd-server did not start: " + result.Error);
         }
 
-        for (var i = 0; i < 100 && !File.Exists(_pidFile); i++)
+        // The daemon creates the pid file and then writes it: wait (at most 10 s) until it holds a number.
+        for (var i = 0; i < 200; i++)
         {
+            if (File.Exists(_pidFile) && int.TryParse(File.ReadAllText(_pidFile).Trim(), System.Globalization.CultureInfo.InvariantCulture, out var pid))
+            {
+                Pid = pid;
+                return null;
+            }
+
             Thread.Sleep(50);
         }
 
-        Pid = int.Parse(File.ReadAllText(_pidFile).Trim(), System.Globalization.CultureInfo.InvariantCulture);
-        return null;
+        throw new InvalidOperationException($"nbd-server did not write its pid to {_pidFile}");
     }
 
     /// <summary>A daemon, not a child: its tree is found by the pid file and killed, and waited for (at most 10 s).</summary>
