@@ -69,7 +69,7 @@ internal sealed partial class ServerTranscript
             }
 
             queue.Enqueue(request);
-            var payload = _extended ? ((flags & CommandFlags.PayloadLength) != 0 ? request.Length : 0) : (command == NbdCommand.Write ? request.Length : 0);
+            var payload = command == NbdCommand.Write || (_extended && (flags & CommandFlags.PayloadLength) != 0) ? request.Length : 0;
             if (payload > (ulong)ClientLeft)
             {
                 return;

@@ -50,7 +50,9 @@ public sealed class Requests : FuzzTarget
         var written = new byte[length];
         Check.That(request.WriteTo(written) == length, "request WriteTo length");
         Check.Same(input.AsSpan(0, length), written, $"request rewritten (extended {extended})");
-        var hasPayload = extended ? (request.Flags & CommandFlags.PayloadLength) != 0 : request.Command == NbdCommand.Write;
+        // WRITE always carries its payload (extended: with PAYLOAD_LEN or without, as qemu's client sends it); with
+        // extended headers any other command carries one exactly when PAYLOAD_LEN is set.
+        var hasPayload = request.Command == NbdCommand.Write || (extended && (request.Flags & CommandFlags.PayloadLength) != 0);
         Check.That(request.HasPayload == hasPayload, $"{request}: HasPayload {request.HasPayload}");
         Check.That(request.WirePayloadLength == (hasPayload ? request.LongLength : 0), $"{request}: wire payload {request.WirePayloadLength}");
         Check.That(request.PayloadLength >= 0 && (ulong)request.PayloadLength <= request.WirePayloadLength, $"{request}: payload length {request.PayloadLength}");
