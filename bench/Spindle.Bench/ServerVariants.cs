@@ -12,10 +12,24 @@ internal sealed record SpindleBinary(string Path, string Kind, string Version)
     public static SpindleBinary Find(string root)
     {
         var published = System.IO.Path.Combine(root, "artifacts", "spindle", "spindle");
-        var stamp = System.IO.Path.Combine(root, "artifacts", "spindle", ".built");
         var (path, kind) = File.Exists(published)
-            ? (published, File.Exists(stamp) ? File.ReadAllText(stamp).Trim() : "unknown kind")
+            ? (published, KindOf(published))
             : (System.IO.Path.Combine(root, "src", "Spindle.Cli", "bin", "Release", "net10.0", "spindle"), "build output");
+        return Describe(path, kind);
+    }
+
+    /// <summary>An executable elsewhere (a baseline build), its kind read from the <c>.built</c> stamp beside it.</summary>
+    public static SpindleBinary At(string path) =>
+        File.Exists(path) ? Describe(System.IO.Path.GetFullPath(path), KindOf(path)) : throw new FileNotFoundException($"{ServerVariants.BaselineVariable}: no file {path}", path);
+
+    private static string KindOf(string executable)
+    {
+        var stamp = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(executable))!, ".built");
+        return File.Exists(stamp) ? File.ReadAllText(stamp).Trim() : "unknown kind";
+    }
+
+    private static SpindleBinary Describe(string path, string kind)
+    {
         var version = "?";
         try
         {
@@ -91,17 +105,36 @@ internal static class ServerVariants
     /// <summary>The main comparison: the targets of docs/performance.md are read from it.</summary>
     public const string Peers = "peers";
 
-    public static IReadOnlyList<ServerVariant> All(SpindleBinary binary) =>
-    [
-        new(Spindle, ImageSpec.Raw, () => new SpindleServer(Spindle, binary)),
-        new("nbdkit", ImageSpec.Raw, () => new NbdkitServer()),
-        new("nbd-server", ImageSpec.Raw, () => new NbdServerServer()),
-        new("qemu-nbd", ImageSpec.Raw, () => new QemuNbdServer("qemu-nbd")),
-    ];
+    /// <summary>Another spindle build to measure against, named by <see cref="BaselineVariable"/> (before/after a change).</summary>
+    public const string Baseline = "spindle-baseline";
 
-    public static readonly IReadOnlyList<Comparison> Comparisons =
+    /// <summary>The environment variable naming a baseline spindle executable; unset, there is no baseline row.</summary>
+    public const string BaselineVariable = "SPINDLE_BENCH_BASELINE";
+
+    private static string? BaselinePath => Environment.GetEnvironmentVariable(BaselineVariable) is { Length: > 0 } path ? path : null;
+
+    public static IReadOnlyList<ServerVariant> All(SpindleBinary binary)
+    {
+        List<ServerVariant> variants =
+        [
+            new(Spindle, ImageSpec.Raw, () => new SpindleServer(Spindle, binary)),
+            new("nbdkit", ImageSpec.Raw, () => new NbdkitServer()),
+            new("nbd-server", ImageSpec.Raw, () => new NbdServerServer()),
+            new("qemu-nbd", ImageSpec.Raw, () => new QemuNbdServer("qemu-nbd")),
+        ];
+        if (BaselinePath is { } path)
+        {
+            var baseline = SpindleBinary.At(path);
+            variants.Add(new(Baseline, ImageSpec.Raw, () => new SpindleServer(Baseline, baseline)));
+        }
+
+        return variants;
+    }
+
+    public static IReadOnlyList<Comparison> Comparisons =>
     [
         new(Peers, "Spindle and its peers, one raw image", Spindle, ["nbdkit", "nbd-server", "qemu-nbd"]),
+        .. BaselinePath is null ? Array.Empty<Comparison>() : [new Comparison(Baseline, $"This build against the baseline ({BaselineVariable})", Spindle, [Baseline])],
     ];
 
     /// <summary>Prepares each image the selected variants need, once per <see cref="ImageSpec.Key"/>.</summary>
