@@ -161,6 +161,13 @@ public abstract class BlockDevice : IAsyncDisposable
     /// </summary>
     public virtual IReadOnlyList<MetaContextSource> MetaContexts => [];
 
+    /// <summary>
+    /// The device one client connection works on, asked for when the connection enters transmission. Default: this
+    /// device, shared by every connection. A layer that keeps each connection's writes apart (nbd-server's
+    /// <c>copyonwrite</c>) returns a new device, which the server disposes when that connection ends.
+    /// </summary>
+    public virtual ValueTask<BlockDevice> OpenConnectionAsync(CancellationToken cancellationToken) => ValueTask.FromResult(this);
+
     public ValueTask DisposeAsync()
     {
         GC.SuppressFinalize(this);

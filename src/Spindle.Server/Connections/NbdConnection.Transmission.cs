@@ -33,9 +33,18 @@ internal sealed partial class NbdConnection
     private long _lastActivity;
     private int _idleClosed;
 
+    /// <summary>The device this connection works on: the export's, or one of its own (BlockDevice.OpenConnectionAsync).</summary>
+    private BlockDevice? _device;
+
+    /// <summary>The device of this connection's own, disposed once when the connection ends (or is torn down).</summary>
+    private BlockDevice? _ownDevice;
+
     private async Task<string> RunTransmissionAsync()
     {
         var export = _export!;
+        var device = await export.Device.OpenConnectionAsync(_abort.Token).ConfigureAwait(false);
+        _device = device;
+        _ownDevice = ReferenceEquals(device, export.Device) ? null : device;
         _budget = new FlowBudget(_options.MaxRequestsInFlight, _options.MaxBytesInFlight, _server.SharedBudget);
         Touch();
         _writer = new ReplyWriter(_transport, ReleaseRequest, OnWriterFault);
@@ -52,7 +61,7 @@ internal sealed partial class NbdConnection
         string reason;
         try
         {
-            reason = await ReadRequestsAsync(export.Device, reading.Token).ConfigureAwait(false);
+            reason = await ReadRequestsAsync(device, reading.Token).ConfigureAwait(false);
         }
         catch (Exception exception) when (IsDisconnect(exception))
         {
@@ -80,7 +89,16 @@ internal sealed partial class NbdConnection
         }
 
         _budget.Dispose();
+        // Nothing is in flight any more: a per-connection device (an overlay) can go.
+        await ReleaseOwnDeviceAsync().ConfigureAwait(false);
         return reason;
+    }
+
+    /// <summary>Disposes the connection's own device, if it has one, exactly once.</summary>
+    private ValueTask ReleaseOwnDeviceAsync()
+    {
+        var own = Interlocked.Exchange(ref _ownDevice, null);
+        return own is null ? ValueTask.CompletedTask : own.DisposeAsync();
     }
 
     /// <summary>
@@ -456,7 +474,7 @@ internal sealed partial class NbdConnection
     private ValueTask Start(TransmissionRequest work)
     {
         var request = work.Header;
-        var device = _export!.Device;
+        var device = _device!;
         var offset = (long)request.Offset;
         var length = (long)work.EffectLength;
         var fua = (request.Flags & CommandFlags.Fua) != 0;

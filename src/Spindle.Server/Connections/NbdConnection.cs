@@ -104,6 +104,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             InTransmission = false;
         }
 
+        await ReleaseOwnDeviceAsync().ConfigureAwait(false);
         _negotiator.Dispose();
         _input.Dispose();
         await _negotiator.Transport.DisposeAsync().ConfigureAwait(false);
