@@ -15,6 +15,7 @@ packages=(
   e2fsprogs         # mkfs.ext4 / fsck for end-to-end device tests
   mount             # losetup, mount, umount: spindle attach and the device tests
   util-linux        # fallocate, fstrim, blockdev for the device tests
+  gdisk parted      # sgdisk and parted make the GPT and MBR disk images the partition layer is tested on
   openssl           # certificates for the TLS tests
   gnutls-bin        # certtool, as nbdkit and qemu users make certificates
   iproute2 procps psmisc

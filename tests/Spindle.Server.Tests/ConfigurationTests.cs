@@ -79,7 +79,7 @@ public sealed class ConfigurationTests
 
     [Theory]
     [InlineData("[generic]\nbogus = 1\n", "unknown [generic] key 'bogus'", 2)]
-    [InlineData("[d]\nexportname = /x\ncopyonwrite = true\n", "'copyonwrite' is not supported", 3)]
+    [InlineData("[d]\nexportname = /x\nmultifile = true\n", "'multifile' is not supported", 3)]
     [InlineData("[d]\nexportname = /x\nreadonly = maybe\n", "must be true or false", 3)]
     [InlineData("[d]\nreadonly = true\n", "needs 'exportname", 1)]
     [InlineData("[d]\nbackend = memory\n", "needs 'size", 1)]

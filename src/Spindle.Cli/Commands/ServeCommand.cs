@@ -29,6 +29,8 @@ internal static class ServeCommand
           spindle serve --unix /run/disk.sock disk.img
           spindle serve --config /etc/spindle/config  several exports (nbd-server's format; see docs/configuration.md)
           spindle serve --tls-certificates /etc/spindle/tls --tls require disk.img   TLS only
+          spindle serve --cow base.img                writes go to a temporary overlay; base.img is never written
+          spindle serve --partition 2 disk.img        serve partition 2 of an MBR or GPT disk image
 
         Clients: nbdinfo nbd://HOST, qemu-img info nbd://HOST:10809/NAME, nbd-client HOST /dev/nbd0.
         By default Spindle listens on every interface ([::] and 0.0.0.0) with no authentication: use --bind
@@ -87,12 +89,14 @@ internal static class ServeCommand
         var logLevel = new Option<string?>("--log-level") { Description = "trace, debug, information, warning, error or none [default: information]." };
         var verbose = new Option<bool>("--verbose", "-v") { Description = "Same as --log-level debug." };
         var quiet = new Option<bool>("--quiet", "-q") { Description = "Same as --log-level warning." };
+        var layers = new LayerOptions();
 
         var command = new Command("serve", Examples)
         {
             image, port, bind, unix, name, description, readOnly, memory, create, config, rbdConf, rbdId, rbdKeyring, noList,
             directory, sessions, uuid, label, serial, stateDir, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
         };
+        layers.AddTo(command);
 
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -122,6 +126,7 @@ internal static class ServeCommand
                 {
                     configuration.Server.SessionNames.Add(IniConfigurationReader.ParseSessionName(session, "--session"));
                 }
+                layers.Apply(parse, configuration, parse.GetValue(config) is not null);
                 ApplyListening(configuration, parse.GetValue(port), parse.GetValue(bind), parse.GetValue(unix));
                 if (parse.GetValue(noList))
                 {
@@ -210,6 +215,14 @@ internal static class ServeCommand
         });
         return command;
     }
+
+    /// <summary>
+    /// What an export's UUID is kept with: the device itself, so a partition or an overlay of an image has a UUID
+    /// of its own (kept in the state directory by its description) and the base file is never touched; but a
+    /// memory disk under layers still gets a new one each run.
+    /// </summary>
+    private static BlockDevice IdentityOf(BlockDevice device) =>
+        device is Spindle.Storage.Layers.LayerDevice { Backend: MemoryBlockDevice memory } ? memory : device;
 
     /// <summary>The positional argument's prefix that selects a Ceph RBD image instead of a file.</summary>
     internal const string RbdPrefix = "rbd:";
@@ -392,7 +405,7 @@ internal static class ServeCommand
                 BlockDevice device;
                 try
                 {
-                    device = BackendFactory.Open(definition);
+                    device = await LayerStack.OpenAsync(definition, CancellationToken.None).ConfigureAwait(false);
                 }
                 catch (ConfigurationException exception)
                 {
@@ -402,7 +415,7 @@ internal static class ServeCommand
                 try
                 {
                     var export = new Export(definition.Options, device);
-                    export.Uuid = ExportIdentity.Assign(definition.Options, device, configuration.StateDirectory ?? ExportIdentity.DefaultStateDirectory(), out var uuidNote);
+                    export.Uuid = ExportIdentity.Assign(definition.Options, IdentityOf(device), configuration.StateDirectory ?? ExportIdentity.DefaultStateDirectory(), out var uuidNote);
                     logger.LogDebug("Export '{Export}' uuid {Uuid} ({Note})", export.Name, export.Uuid, uuidNote);
                     catalog.Add(export);
                 }

@@ -11,7 +11,7 @@ namespace Spindle.Cli.Hosting;
 /// Reads nbd-server's configuration format (nbd-server(5)): <c>[generic]</c> first, then one section per export
 /// whose name is the export name; <c>key = value</c> lines; <c>#</c> comments; booleans <c>true</c>/<c>false</c>.
 /// Spindle adds a few keys (backend, size, description, block sizes). Keys nbd-server has but Spindle does not
-/// implement are refused when ignoring them could change what happens to data (copyonwrite, temporary...), and
+/// implement are refused when ignoring them could change what happens to data (multifile, temporary...), and
 /// reported as warnings when they are only operational (user, group, max_threads...).
 /// </summary>
 public static class IniConfigurationReader
@@ -28,12 +28,15 @@ public static class IniConfigurationReader
     private static readonly HashSet<string> IgnoredExportKeys = new(StringComparer.OrdinalIgnoreCase)
     {
         "splice", "sdp", "listenaddr", "sync",
+
+        // The overlay file is always sparse.
+        "sparse_cow",
     };
 
     /// <summary>nbd-server export keys whose absence of effect would silently change data handling.</summary>
     private static readonly HashSet<string> RefusedExportKeys = new(StringComparer.OrdinalIgnoreCase)
     {
-        "copyonwrite", "cowdir", "sparse_cow", "multifile", "treefiles", "temporary", "virtstyle", "prerun", "postrun",
+        "multifile", "treefiles", "temporary", "virtstyle", "prerun", "postrun",
         "transactionlog", "datalog", "waitfile",
     };
 
@@ -157,6 +160,11 @@ public static class IniConfigurationReader
             if (definition.Backend == "directory" && string.IsNullOrEmpty(definition.Location))
             {
                 throw new ConfigurationException($"{definition.Source}: directory export [{definition.Options.Name}] needs 'path = /srv/disks' (which may contain %SESSNAME%)");
+            }
+
+            if (definition.Backend == "directory" && !definition.Layers.IsEmpty)
+            {
+                throw new ConfigurationException($"{definition.Source}: directory export [{definition.Options.Name}] cannot have layers (copyonwrite, cow, partition, offset, length, rate, delay_*, error_*, log_requests)");
             }
 
             if (definition.Backend is "file" or "memory" or "directory" && definition.Settings.Count > 0)
@@ -340,6 +348,52 @@ public static class IniConfigurationReader
             case "prefix":
                 export.Prefix = value.Trim('/');
                 break;
+            case "copyonwrite":
+                // nbd-server's meaning: each connection its own overlay, discarded when it disconnects.
+                export.Layers.Cow = ParseBool(value, where, key) ? CowMode.PerConnection : CowMode.None;
+                break;
+            case "cow":
+                export.Layers.Cow = ParseBool(value, where, key) ? CowMode.Shared : CowMode.None;
+                break;
+            case "cowdir":
+                export.Layers.CowDirectory = value;
+                break;
+            case "partition":
+                export.Layers.Partition = ParseInt(value, where, key, 1, 128 * 1024);
+                break;
+            case "offset":
+                export.Layers.Offset = SizeParser.Parse(value, where);
+                break;
+            case "length":
+                export.Layers.Length = SizeParser.Parse(value, where);
+                break;
+            case "rate":
+                export.Layers.Rate = PositiveSize(value, where, key);
+                break;
+            case "rate_burst":
+                export.Layers.RateBurst = PositiveSize(value, where, key);
+                break;
+            case "delay_read":
+                export.Layers.DelayRead = TimeSpan.FromMilliseconds(ParseInt(value, where, key, 0, 3_600_000));
+                break;
+            case "delay_write":
+                export.Layers.DelayWrite = TimeSpan.FromMilliseconds(ParseInt(value, where, key, 0, 3_600_000));
+                break;
+            case "error_rate":
+                export.Layers.ErrorRate = LayerSettings.ParseProbability(value, where);
+                break;
+            case "error_errno":
+                export.Layers.ErrorCode = LayerSettings.ParseErrno(value, where);
+                break;
+            case "error_commands":
+                export.Layers.ErrorCommands = LayerSettings.ParseCommands(value, where);
+                break;
+            case "error_seed":
+                export.Layers.ErrorSeed = ParseInt(value, where, key, int.MinValue, int.MaxValue);
+                break;
+            case "log_requests":
+                export.Layers.LogRequests = value;
+                break;
             case "force_tls":
                 options.Tls = ParseBool(value, where, key) ? TlsMode.Require : null;
                 break;
@@ -432,6 +486,12 @@ public static class IniConfigurationReader
         AllowUnix = (access?.AllowUnix ?? false) || allowUnix,
         Identities = identities is null ? access?.Identities : [.. access?.Identities ?? [], .. identities],
     };
+
+    private static long PositiveSize(string value, string where, string key)
+    {
+        var size = SizeParser.Parse(value, where);
+        return size > 0 ? size : throw new ConfigurationException($"{where}: '{key}' must be more than 0");
+    }
 
     private static bool ParseBool(string value, string where, string key) => value.ToLowerInvariant() switch
     {

@@ -32,6 +32,9 @@ public sealed class ExportDefinition
 
     /// <summary>Where it was defined, for error messages.</summary>
     public string Source { get; set; } = "command line";
+
+    /// <summary>The layers stacked on the backend (overlay, partition or range); none by default.</summary>
+    public LayerSettings Layers { get; } = new();
 }
 
 /// <summary>Where the server's certificates are and how TLS is used, before they are loaded.</summary>
