@@ -111,7 +111,10 @@ public sealed class FilterInteropTests
         Assert.Contains(lines, l => l.Contains("conn=1 FLUSH offset=0 length=0 result=EIO", StringComparison.Ordinal));
         var reads = lines.Where(l => l.Contains(" READ offset=0 length=65536 result=OK", StringComparison.Ordinal)).ToList();
         Assert.NotEmpty(reads);
-        Assert.All(reads, l => Assert.True(long.Parse(l[(l.LastIndexOf('=') + 1)..], CultureInfo.InvariantCulture) >= 20_000, l)); // the read delay
+
+        // The read delay shows in the latency. A lower bound only (a slow machine never fails it), and half the delay,
+        // since the runtime's timers may fire a little early.
+        Assert.All(reads, l => Assert.True(long.Parse(l[(l.LastIndexOf('=') + 1)..], CultureInfo.InvariantCulture) >= 10_000, l));
         Assert.All(lines, l => Assert.Matches(@"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z conn=\d+ [A-Z_+]+ offset=\d+ length=\d+ result=[A-Z]+ latency_us=\d+$", l));
     }
 }

@@ -151,7 +151,8 @@ public sealed class LayerInteropTests
                 partition = 1
             [ro]
                 exportname = {image}
-                partition = 1
+                offset = 2M
+                length = 4M
                 readonly = true
             [range]
                 exportname = {image}
