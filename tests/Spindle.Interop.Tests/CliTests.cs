@@ -132,11 +132,11 @@ public sealed class CliTests
     {
         using var directory = new TempDirectory();
         var config = directory.File("bad.conf");
-        await File.WriteAllTextAsync(config, "[generic]\n[disk]\nexportname = /x\ncopyonwrite = true\n");
+        await File.WriteAllTextAsync(config, "[generic]\n[disk]\nexportname = /x\nmultifile = true\n");
         var result = await SpindleProcess.RunAsync("serve", "--config", config);
         Assert.Equal(2, result.ExitCode);
         Assert.Contains($"{config}:4", result.StandardError, StringComparison.Ordinal);
-        Assert.Contains("copyonwrite", result.StandardError, StringComparison.Ordinal);
+        Assert.Contains("multifile", result.StandardError, StringComparison.Ordinal);
     }
 
     [Fact]
