@@ -13,7 +13,8 @@ namespace Spindle.Storage.Layers;
 /// <remarks>
 /// The overlay file is unlinked as soon as it is opened, so it disappears when this device is disposed or the process
 /// dies, whichever comes first, and nothing else can open it. Nothing written here is meant to outlive the device, so
-/// FLUSH and FUA have nothing to make durable and complete at once. Changes (writes, zeroes, trims) are serialised:
+/// FLUSH and FUA have nothing to make durable and complete at once; whole blocks trimmed or zeroed have their space in
+/// the file punched out. Changes (writes, zeroes, trims) are serialised:
 /// a write covering part of a block copies the rest of that block up from the base first, and two of those racing on
 /// one block would lose one of them. Reads run concurrently; a block's state changes only after its data is in place.
 /// </remarks>
@@ -341,6 +342,15 @@ public sealed class CowOverlayDevice : LayerDevice
                         ArrayPool<byte>.Shared.Return(zeroes);
                     }
                 }
+            }
+
+            // The whole blocks now read as zeroes from the map; give their old bytes' space back (best effort: a
+            // file system without hole punching only keeps the space until the overlay goes).
+            var wholeStart = ((offset + BlockSize - 1) >> _shift) << _shift;
+            var wholeEnd = end == Size ? Size : (end >> _shift) << _shift;
+            if (wholeEnd > wholeStart)
+            {
+                _ = Native.LinuxFile.Allocate(_overlay, Native.LinuxFile.FallocPunchHole | Native.LinuxFile.FallocKeepSize, wholeStart, wholeEnd - wholeStart);
             }
         }
         finally
