@@ -28,9 +28,12 @@ internal sealed class ImageFile : IDisposable
     /// <summary>The file length as last seen or grown by our own writes.</summary>
     public long Length => Volatile.Read(ref _length);
 
-    public static ImageFile Open(string path, bool readOnly)
+    public static ImageFile Open(string path, bool readOnly) =>
+        FromHandle(File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete), path);
+
+    /// <summary>Takes ownership of <paramref name="handle"/> (disposed here if its size cannot be read).</summary>
+    public static ImageFile FromHandle(SafeFileHandle handle, string path)
     {
-        var handle = File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
         var length = LinuxFile.Seek(handle, 0, LinuxFile.SeekEnd);
         if (length < 0)
         {
@@ -108,6 +111,9 @@ internal sealed class ImageFile : IDisposable
             length = seen;
         }
     }
+
+    /// <summary>Takes qemu's image locks as a qcow2 reader or writer (<see cref="ImageLock"/>); a note when the file system has none.</summary>
+    public string? Lock(bool writable) => ImageLock.Acquire(_handle, Path, writable);
 
     /// <summary>fdatasync: every write before it is durable, data and metadata alike.</summary>
     public void Sync() => LinuxFile.DataSync(_handle);
