@@ -12,6 +12,10 @@ namespace Spindle.Storage.Qcow2;
 internal sealed class ImageFile : IDisposable
 {
     private readonly SafeFileHandle _handle;
+
+    /// <summary>Whether <see cref="Lock"/> took qemu's image locks, which <see cref="Dispose"/> releases.</summary>
+    private bool _locked;
+
     private long _length;
     private volatile bool _punchUnsupported;
     private volatile bool _nowaitUnsupported;
@@ -113,7 +117,12 @@ internal sealed class ImageFile : IDisposable
     }
 
     /// <summary>Takes qemu's image locks as a qcow2 reader or writer (<see cref="ImageLock"/>); a note when the file system has none.</summary>
-    public string? Lock(bool writable) => ImageLock.Acquire(_handle, Path, writable);
+    public string? Lock(bool writable)
+    {
+        var note = ImageLock.Acquire(_handle, Path, writable);
+        _locked = note is null;
+        return note;
+    }
 
     /// <summary>fdatasync: every write before it is durable, data and metadata alike.</summary>
     public void Sync() => LinuxFile.DataSync(_handle);
@@ -137,7 +146,22 @@ internal sealed class ImageFile : IDisposable
         }
     }
 
-    public void Dispose() => _handle.Dispose();
+    /// <summary>
+    /// Releases the image locks explicitly, then closes. Closing alone would release them only when the open file
+    /// description dies, which a child process forked at that moment by another thread (between fork and exec it holds
+    /// every descriptor, close-on-exec or not) can delay: a reopen right after the close would then find the image
+    /// still locked.
+    /// </summary>
+    public void Dispose()
+    {
+        if (_locked && !_handle.IsClosed)
+        {
+            _locked = false;
+            ImageLock.Release(_handle);
+        }
+
+        _handle.Dispose();
+    }
 
     private BlockDeviceException Failure(Exception exception, string operation, long offset)
     {

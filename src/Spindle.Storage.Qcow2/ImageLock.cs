@@ -93,7 +93,8 @@ internal static class ImageLock
             : throw new IOException($"locking '{path}' failed (errno {errno})");
     }
 
-    private static void Release(SafeFileHandle handle)
+    /// <summary>Unlocks every byte of both ranges on this open file description (F_UNLCK), whoever else still shares it.</summary>
+    public static void Release(SafeFileHandle handle)
     {
         var type = Unlocked;
         _ = LinuxFile.OfdLock(handle, test: false, ref type, PermissionBase, SharedBase - PermissionBase + 8);
