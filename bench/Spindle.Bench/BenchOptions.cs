@@ -5,7 +5,10 @@ namespace Spindle.Bench;
 /// <summary>Command-line options of the benchmark.</summary>
 internal sealed record BenchOptions(string RepositoryRoot, int Rounds, TimeSpan Duration, long ImageBytes, string? Output, HashSet<string>? Servers, HashSet<string>? Workloads)
 {
-    /// <summary>The default run: 3 rounds of 10 s per workload on a 1 GiB image, every server and workload.</summary>
+    /// <summary>
+    /// The default run: 3 rounds of 10 s per workload on a 1 GiB image, every workload, the servers of
+    /// <see cref="ServerVariants.DefaultNames"/> (null <see cref="Servers"/>).
+    /// </summary>
     public static BenchOptions Defaults(string root) => new(root, 3, TimeSpan.FromSeconds(10), 1L << 30, Path.Combine(root, "docs", "performance.md"), null, null);
 
     public static BenchOptions? Parse(string[] args)
@@ -37,7 +40,13 @@ internal sealed record BenchOptions(string RepositoryRoot, int Rounds, TimeSpan 
                     image = 256L << 20;
                     break;
                 case "--servers":
-                    servers = [.. args[++i].Split(',')];
+                    servers = [.. args[++i].Split(',').SelectMany(name => ServerVariants.Groups.TryGetValue(name, out var group) ? group : [name])];
+                    if (servers.FirstOrDefault(name => !ServerVariants.Names.Contains(name)) is { } unknown)
+                    {
+                        Console.Error.WriteLine($"unknown server '{unknown}': the servers are {string.Join(' ', ServerVariants.Names)}, the groups {string.Join(' ', ServerVariants.Groups.Keys)}");
+                        return null;
+                    }
+
                     break;
                 case "--workloads":
                     workloads = [.. args[++i].Split(',')];
@@ -52,8 +61,17 @@ internal sealed record BenchOptions(string RepositoryRoot, int Rounds, TimeSpan 
                     Console.Error.WriteLine($"""
                         unknown argument '{args[i]}'
                         usage: bench/run [--rounds N (3)] [--seconds S (10)] [--image-mib M (1024)] [--quick]
-                                         [--servers spindle,nbdkit,nbd-server,qemu-nbd] [--workloads NAME,...]
+                                         [--servers NAME,... (peers)] [--workloads NAME,... (all)]
                                          [--output FILE (docs/performance.md) | --stdout]
+                        servers: {string.Join(' ', ServerVariants.Names)}
+                          groups: peers ({string.Join(',', ServerVariants.Groups[ServerVariants.Peers])}: the raw image),
+                                  qcow2 ({string.Join(',', ServerVariants.Groups[ServerVariants.Qcow2])}:
+                                  a fully and a half allocated qcow2 image, the 4 workloads {string.Join(',', ServerVariants.Qcow2Workloads)},
+                                  each server on its own copy, renewed for every write run and checked by qemu-img check after it)
+                          spindle-baseline runs when {ServerVariants.BaselineVariable} names a spindle executable.
+                          The default is peers (and the baseline when set): the qcow2 rows add about 13 minutes, so they run
+                          when named: --servers qcow2 --output docs/performance-qcow2.md (alone: about 15 minutes), or
+                          --servers peers,qcow2 (one report with every row). A subset written to docs/performance.md replaces it.
                         workloads: {string.Join(' ', ServerWorkloads.All.Select(w => w.Name).Concat(CopyWorkload.Names))}
                         """);
                     return null;
@@ -66,18 +84,27 @@ internal sealed record BenchOptions(string RepositoryRoot, int Rounds, TimeSpan 
     /// <summary>
     /// About how long the run takes, for the console: each server run costs its fio time plus a restart and fio's
     /// start (about 2.5 s), each nbdcopy run its copies at about 1 GiB/s, each idle run about 8 s (the hold, the
-    /// handshakes, the restart), plus the limits and the image. Estimates, not promises: the machine is shared.
+    /// handshakes, the restart), plus the limits and the images. A server on a copy of its own spends about 4 s per
+    /// GiB around each write run (a fresh copy before it, qemu-img check after it, a fresh copy for the next run).
+    /// Estimates, not promises: the machine is shared.
     /// </summary>
-    public TimeSpan Estimate(int servers)
+    public TimeSpan Estimate(IReadOnlyList<ServerVariant> variants)
     {
         bool Selected(string name) => Workloads is null || Workloads.Contains(name);
         var gib = ImageBytes / (double)(1L << 30);
-        var fio = FioWorkload.All.Count(w => Selected(w.Name)) * (Duration.TotalSeconds + 1 + 2.5);
-        var copies = NbdcopyWorkload.All.Count(w => Selected(w.Name)) * ((NbdcopyWorkload.Repetitions * (gib + 0.2)) + 1.5);
-        var idle = Selected(IdleConnectionsWorkload.Instance.Name) ? 8 : 0;
+        var perRound = 0.0;
+        foreach (var variant in variants)
+        {
+            bool Runs(string name) => Selected(name) && variant.Runs(name);
+            perRound += FioWorkload.All.Where(w => Runs(w.Name)).Sum(w => Duration.TotalSeconds + 1 + 2.5 + (variant.Image.CopyPerServer && w.Writes ? 4 * gib : 0));
+            perRound += NbdcopyWorkload.All.Count(w => Runs(w.Name)) * ((NbdcopyWorkload.Repetitions * (gib + 0.2)) + 1.5);
+            perRound += Runs(IdleConnectionsWorkload.Instance.Name) ? 8 : 0;
+        }
+
         var clientCopies = CopyWorkload.Names.Count(Selected) * CopyWorkload.Tools.Length * (gib + 0.5);
+        var images = variants.Select(v => v.Image).Where(i => i != ImageSpec.Raw).Distinct().Count() * 8 * gib;
         var limits = (3 * Math.Min(5, Duration.TotalSeconds)) + 3 + (2 * (Duration.TotalSeconds + 1)) + (8 * gib);
-        return TimeSpan.FromSeconds(limits + (Rounds * ((servers * (fio + copies + idle)) + clientCopies)));
+        return TimeSpan.FromSeconds(limits + images + (Rounds * (perRound + clientCopies)));
     }
 
     public override string ToString() => $"rounds={Rounds} seconds={Duration.TotalSeconds} image={ImageBytes >> 20}MiB";

@@ -18,20 +18,21 @@ Directory.CreateDirectory(work);
 var image = Path.Combine(work, "image.raw");
 var binary = SpindleBinary.Find(root);
 Console.WriteLine($"bench: measuring {binary.Path} ({binary.Kind}, {binary.Version})");
-var variants = ServerVariants.All(binary).Where(v => options.Servers is null || options.Servers.Contains(v.Name)).ToList();
-Console.WriteLine($"bench: work directory {work}; about {options.Estimate(variants.Count).TotalMinutes:F0} minutes");
+var variants = ServerVariants.Selected(binary, options.Servers);
+Console.WriteLine($"bench: work directory {work}; about {options.Estimate(variants).TotalMinutes:F0} minutes");
 Console.WriteLine($"bench: writing a {options.ImageBytes >> 20} MiB image of random data");
 await WriteRandomImageAsync(image, options.ImageBytes);
 var images = await ServerVariants.PrepareImagesAsync(variants, image, work);
 var spindleBinary = binary.Path;
 var servers = variants.Select(v => v.Create()).ToList();
+var served = new ServedImages(work, images);
 
 var port = 20000 + Random.Shared.Next(0, 20000);
 var multiConn = new Dictionary<string, bool?>();
 for (var i = 0; i < servers.Count; i++)
 {
     var server = servers[i];
-    await server.StartAsync(images[variants[i].Image.Key], port++, work);
+    await server.StartAsync(served.For(server, variants[i]), port++, work);
     multiConn[server.Name] = await NbdcopyWorkload.CanMultiConnAsync(server);
     Console.WriteLine($"bench: {server.Name} on {server.Uri} (pid {server.Pid}), multi-conn {(multiConn[server.Name] is { } flag ? (flag ? "yes" : "no") : "unknown")}");
 }
@@ -61,11 +62,18 @@ try
         {
             foreach (var server in order.Where(s => variantOf[s].Runs(workload.Name)))
             {
-                // A fresh process per run: no server carries one workload's memory or state into the next.
+                // A fresh process per run: no server carries one workload's memory or state into the next (nor,
+                // serving a copy of a qcow2 image, the clusters an earlier run's writes allocated).
+                var writes = workload is FioWorkload { Writes: true };
+                await served.RefreshAsync(server, variantOf[server], writes);
                 await server.RestartAsync();
                 var result = await workload.RunAsync(server, options, work, round);
                 results.Add(result);
-                Console.WriteLine($"bench: round {round + 1}/{options.Rounds} {workload.Name,-20} {server.Name,-10} {result.Summary}");
+                Console.WriteLine($"bench: round {round + 1}/{options.Rounds} {workload.Name,-20} {server.Name,-19} {result.Summary}");
+                if (writes)
+                {
+                    await served.WrittenAsync(server, variantOf[server]);
+                }
             }
         }
 

@@ -41,12 +41,14 @@ internal static partial class Report
         Line("## How to reproduce");
         Line();
         Line("```sh");
-        Line($"bench/run                      # installs fio and the peers, builds, writes this file (about {BenchOptions.Defaults(options.RepositoryRoot).Estimate(4).TotalMinutes:F0} minutes)");
+        Line($"bench/run                      # installs fio and the peers, builds, writes this file (about {BenchOptions.Defaults(options.RepositoryRoot).Estimate(ServerVariants.Selected(input.Binary, null)).TotalMinutes:F0} minutes)");
         Line("bench/run --quick --stdout     # one short round on a 256 MiB image, printed instead of written");
         Line("bench/run --workloads randread-4k-qd1 --servers spindle,nbdkit --rounds 5");
         Line("bench/run --workloads nbdcopy-null-1conn,nbdcopy-null-4conn   # nbdcopy to null: only");
         Line("bench/run --workloads idle-1000 --stdout                       # the idle connections only");
         Line("bench/run --workloads copy-to-null,copy-to-file --servers spindle   # spindle copy against nbdcopy");
+        Line("bench/run --servers qcow2 --output docs/performance-qcow2.md    # the qcow2 rows (issue 13), not in the default run");
+        Line("bench/run --servers peers,qcow2                                 # every row in one report");
         Line("```");
         Line();
         Line("Servers: `spindle serve --bind 127.0.0.1 --quiet IMAGE`; `nbdkit --foreground file IMAGE`; nbd-server 3.24 with");
@@ -54,6 +56,14 @@ internal static partial class Report
         Line("--shared=0 --persistent IMAGE`. CPU is the server's user + system time (child processes included), peak memory");
         Line("the highest resident set of its process tree sampled every 100 ms. Every server is started afresh before each");
         Line("run, so a run's figures are its own.");
+        Line();
+        Line("qcow2 rows: the raw image converted by `qemu-img convert -O qcow2` (64 KiB clusters), fully allocated, and");
+        Line("half allocated (every other MiB left unallocated), served by `spindle serve --format qcow2` and by");
+        Line("`qemu-nbd --format=qcow2 --cache=writeback --shared=0 --persistent`, each from a copy of its own (qemu's image");
+        Line("locks let one writer open an image). A write run starts from a fresh copy, so writes into the half allocated");
+        Line("image allocate clusters as they would in a new image, and the copy is checked with `qemu-img check` after it");
+        Line("(a corruption ends the benchmark; the servers are killed, so leaked clusters are allowed). Only the four");
+        Line("workloads issue 13's targets name are run.");
         Line();
         Line("- fio workloads: fio's nbd engine (libnbd), one connection per job, 1 s ramp-up excluded; with several jobs a");
         Line("  sequential workload gives each job its own quarter of the image.");
@@ -173,6 +183,8 @@ internal static partial class Report
         Line("The zero-allocation target is checked by the microbenchmarks (`dotnet run -c Release --project");
         Line("bench/Spindle.Benchmarks -- --filter '*'`): parsing a request, writing a reply, and a 4 KiB READ and WRITE through");
         Line("an in-memory connection all report `-` (0 B) allocated per operation.");
+        Line();
+        Qcow2Targets(Line, ratios);
         return text.ToString();
 
         void Limit(string key, string name, Func<double, string> format)

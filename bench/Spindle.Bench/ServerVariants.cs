@@ -55,13 +55,17 @@ internal sealed record ImageSpec(string Key, Func<string, string, Task<string>> 
     /// <summary>The raw image itself, as every server of the main comparison serves it.</summary>
     public static readonly ImageSpec Raw = new("raw", (raw, _) => Task.FromResult(raw));
 
-    /// <summary>A qcow2 copy of the raw image (qemu-img convert), e.g. for qcow2 rows.</summary>
-    public static readonly ImageSpec Qcow2 = new("qcow2", async (raw, work) =>
-    {
-        var path = System.IO.Path.Combine(work, "image.qcow2");
-        var result = await Processes.RunAsync("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, path], TimeSpan.FromMinutes(5));
-        return result.ExitCode == 0 ? path : throw new InvalidOperationException("qemu-img convert failed: " + result.Error);
-    });
+    /// <summary>
+    /// Each server serves a copy of its own, made afresh before every run that writes and before the first run after
+    /// one, and checked by <see cref="CheckAsync"/> once the server has stopped after writing. False (raw): every
+    /// server serves the prepared image itself, writes and all. True is for images that one server locks for writing
+    /// (qcow2: qemu's image locks keep a second server out) or whose writes change what later runs measure (writes
+    /// allocate clusters in a qcow2 image: a write run must meet the image as prepared, and so must the reads after).
+    /// </summary>
+    public bool CopyPerServer { get; init; }
+
+    /// <summary>Checks a server's copy after a run that wrote and returns a verdict for the console; throws when the image is damaged. Null: no check.</summary>
+    public Func<string, Task<string>>? CheckAsync { get; init; }
 }
 
 /// <summary>
@@ -87,16 +91,14 @@ internal sealed record Comparison(string Name, string Title, string Subject, IRe
 /// The servers benchmarked and how they are compared: the extension point for new rows.
 /// </summary>
 /// <remarks>
-/// To add rows, add variants and a comparison here; the loop, the filters (<c>--servers</c> takes variant names),
-/// the JSON and the report follow. For example, qcow2 images (issue 13):
-/// <code>
-/// new("spindle-qcow2", ImageSpec.Qcow2, () => new SpindleServer("spindle-qcow2", binary)),
-/// new("qemu-nbd-qcow2", ImageSpec.Qcow2, () => new QemuNbdServer("qemu-nbd-qcow2", "qcow2")),
-/// // and: new Comparison("qcow2", "A qcow2 image: Spindle and qemu-nbd", "spindle-qcow2", ["qemu-nbd-qcow2"])
-/// </code>
-/// An export with an overlay or a dirty bitmap against the plain one (issue 14): a variant with its own
-/// <see cref="ImageSpec"/> (e.g. one that creates the overlay) and its extra <c>spindle serve</c> arguments, and a
-/// comparison whose subject is that variant and whose reference is "spindle".
+/// To add rows, add variants and a comparison here; the loop, the filters (<c>--servers</c> takes variant names and
+/// the <see cref="Groups"/>), the JSON and the report follow. The qcow2 rows (issue 13) are such variants:
+/// <c>spindle-qcow2</c> and <c>qemu-nbd-qcow2</c> on a fully allocated qcow2 image, <c>spindle-qcow2-half</c> and
+/// <c>qemu-nbd-qcow2-half</c> on a half allocated one (<see cref="Qcow2Images"/>), each limited to the four workloads
+/// issue 13's targets name, with a comparison per image. An export with an overlay or a dirty bitmap against the
+/// plain one (issue 14) would be another: a variant with its own <see cref="ImageSpec"/> (e.g. one that creates the
+/// overlay) and its extra <c>spindle serve</c> arguments, and a comparison whose subject is that variant and whose
+/// reference is "spindle".
 /// </remarks>
 internal static class ServerVariants
 {
@@ -111,6 +113,42 @@ internal static class ServerVariants
     /// <summary>The environment variable naming a baseline spindle executable; unset, there is no baseline row.</summary>
     public const string BaselineVariable = "SPINDLE_BENCH_BASELINE";
 
+    /// <summary>The comparison of Spindle and qemu-nbd on a fully allocated qcow2 image (issue 13).</summary>
+    public const string Qcow2 = "qcow2";
+
+    /// <summary>The same on a half allocated qcow2 image: half the writes allocate clusters, half the reads meet holes.</summary>
+    public const string Qcow2Half = "qcow2-half";
+
+    /// <summary>
+    /// The workloads of the qcow2 rows: the four issue 13's targets name (4k QD32 random read and write, 1M QD8
+    /// sequential read and write), so the four variants take about 13 minutes at the default length, not 40.
+    /// </summary>
+    public static readonly IReadOnlySet<string> Qcow2Workloads = new HashSet<string>(StringComparer.Ordinal) { "randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8" };
+
+    /// <summary>Names <c>--servers</c> accepts for several variants at once.</summary>
+    public static readonly IReadOnlyDictionary<string, IReadOnlyList<string>> Groups = new Dictionary<string, IReadOnlyList<string>>(StringComparer.Ordinal)
+    {
+        [Peers] = [Spindle, "nbdkit", "nbd-server", "qemu-nbd"],
+        [Qcow2] = ["spindle-qcow2", "qemu-nbd-qcow2", "spindle-qcow2-half", "qemu-nbd-qcow2-half"],
+    };
+
+    /// <summary>
+    /// The variants run when <c>--servers</c> is not given: the main comparison (and the baseline when set). The qcow2
+    /// rows add about 13 minutes to a run of about 30, on a shared machine, so they run when named (<c>--servers qcow2</c>
+    /// alone, <c>--servers peers,qcow2</c> in one report with the rest).
+    /// </summary>
+    public static IEnumerable<string> DefaultNames => Groups[Peers].Append(Baseline);
+
+    /// <summary>The variants selected by <c>--servers</c> (null: <see cref="DefaultNames"/>).</summary>
+    public static IReadOnlyList<ServerVariant> Selected(SpindleBinary binary, IReadOnlySet<string>? names)
+    {
+        var wanted = names ?? DefaultNames.ToHashSet(StringComparer.Ordinal);
+        return [.. All(binary).Where(v => wanted.Contains(v.Name))];
+    }
+
+    /// <summary>Every variant's name, for <c>--servers</c> (the baseline only exists when <see cref="BaselineVariable"/> is set).</summary>
+    public static IEnumerable<string> Names => Groups[Peers].Concat(Groups[Qcow2]).Append(Baseline);
+
     private static string? BaselinePath => Environment.GetEnvironmentVariable(BaselineVariable) is { Length: > 0 } path ? path : null;
 
     public static IReadOnlyList<ServerVariant> All(SpindleBinary binary)
@@ -121,6 +159,10 @@ internal static class ServerVariants
             new("nbdkit", ImageSpec.Raw, () => new NbdkitServer()),
             new("nbd-server", ImageSpec.Raw, () => new NbdServerServer()),
             new("qemu-nbd", ImageSpec.Raw, () => new QemuNbdServer("qemu-nbd")),
+            new("spindle-qcow2", Qcow2Images.Full, () => new SpindleServer("spindle-qcow2", binary, ["--format", "qcow2"]), Qcow2Workloads),
+            new("qemu-nbd-qcow2", Qcow2Images.Full, () => new QemuNbdServer("qemu-nbd-qcow2", "qcow2"), Qcow2Workloads),
+            new("spindle-qcow2-half", Qcow2Images.Half, () => new SpindleServer("spindle-qcow2-half", binary, ["--format", "qcow2"]), Qcow2Workloads),
+            new("qemu-nbd-qcow2-half", Qcow2Images.Half, () => new QemuNbdServer("qemu-nbd-qcow2-half", "qcow2"), Qcow2Workloads),
         ];
         if (BaselinePath is { } path)
         {
@@ -134,6 +176,8 @@ internal static class ServerVariants
     public static IReadOnlyList<Comparison> Comparisons =>
     [
         new(Peers, "Spindle and its peers, one raw image", Spindle, ["nbdkit", "nbd-server", "qemu-nbd"]),
+        new(Qcow2, "A fully allocated qcow2 image: Spindle and qemu-nbd", "spindle-qcow2", ["qemu-nbd-qcow2"]),
+        new(Qcow2Half, "A half allocated qcow2 image: Spindle and qemu-nbd", "spindle-qcow2-half", ["qemu-nbd-qcow2-half"]),
         .. BaselinePath is null ? Array.Empty<Comparison>() : [new Comparison(Baseline, $"This build against the baseline ({BaselineVariable})", Spindle, [Baseline])],
     ];
 

@@ -72,6 +72,12 @@ internal abstract class ServerUnderTest(string name) : IAsyncDisposable
         await WaitForPortAsync(Port);
     }
 
+    /// <summary>
+    /// Stops the server (killed, as before every restart) and waits until it is gone, so the image it served can be
+    /// replaced or checked; the next <see cref="RestartAsync"/> starts it again.
+    /// </summary>
+    public Task StopAsync() => StopProcessAsync();
+
     private bool IsAlive()
     {
         try

@@ -97,6 +97,9 @@ internal sealed record FioWorkload(string Name, string Title, string Pattern, st
         new("write-1m-qd8-4conn", "1M sequential write, 4 connections x QD8", "write", "1M", 8, 4, Metric.Bandwidth),
     ];
 
+    /// <summary>Whether the workload writes (the image a server serves is then no longer the one prepared).</summary>
+    public bool Writes => Pattern.Contains("write", StringComparison.Ordinal);
+
     public async Task<RunResult> RunAsync(ServerUnderTest server, BenchOptions options, string work, int round)
     {
         var arguments = new List<string>

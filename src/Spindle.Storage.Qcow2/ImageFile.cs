@@ -12,6 +12,10 @@ namespace Spindle.Storage.Qcow2;
 internal sealed class ImageFile : IDisposable
 {
     private readonly SafeFileHandle _handle;
+
+    /// <summary>Whether <see cref="Lock"/> took qemu's image locks, which <see cref="Dispose"/> releases.</summary>
+    private bool _locked;
+
     private long _length;
     private volatile bool _punchUnsupported;
     private volatile bool _nowaitUnsupported;
@@ -28,9 +32,12 @@ internal sealed class ImageFile : IDisposable
     /// <summary>The file length as last seen or grown by our own writes.</summary>
     public long Length => Volatile.Read(ref _length);
 
-    public static ImageFile Open(string path, bool readOnly)
+    public static ImageFile Open(string path, bool readOnly) =>
+        FromHandle(File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete), path);
+
+    /// <summary>Takes ownership of <paramref name="handle"/> (disposed here if its size cannot be read).</summary>
+    public static ImageFile FromHandle(SafeFileHandle handle, string path)
     {
-        var handle = File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
         var length = LinuxFile.Seek(handle, 0, LinuxFile.SeekEnd);
         if (length < 0)
         {
@@ -109,6 +116,14 @@ internal sealed class ImageFile : IDisposable
         }
     }
 
+    /// <summary>Takes qemu's image locks as a qcow2 reader or writer (<see cref="ImageLock"/>); a note when the file system has none.</summary>
+    public string? Lock(bool writable)
+    {
+        var note = ImageLock.Acquire(_handle, Path, writable);
+        _locked = note is null;
+        return note;
+    }
+
     /// <summary>fdatasync: every write before it is durable, data and metadata alike.</summary>
     public void Sync() => LinuxFile.DataSync(_handle);
 
@@ -131,7 +146,22 @@ internal sealed class ImageFile : IDisposable
         }
     }
 
-    public void Dispose() => _handle.Dispose();
+    /// <summary>
+    /// Releases the image locks explicitly, then closes. Closing alone would release them only when the open file
+    /// description dies, which a child process forked at that moment by another thread (between fork and exec it holds
+    /// every descriptor, close-on-exec or not) can delay: a reopen right after the close would then find the image
+    /// still locked.
+    /// </summary>
+    public void Dispose()
+    {
+        if (_locked && !_handle.IsClosed)
+        {
+            _locked = false;
+            ImageLock.Release(_handle);
+        }
+
+        _handle.Dispose();
+    }
 
     private BlockDeviceException Failure(Exception exception, string operation, long offset)
     {

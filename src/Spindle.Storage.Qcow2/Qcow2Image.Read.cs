@@ -1,4 +1,5 @@
 using System.Buffers;
+using Microsoft.Win32.SafeHandles;
 using Spindle.Protocol;
 
 namespace Spindle.Storage.Qcow2;
@@ -301,7 +302,7 @@ public sealed partial class Qcow2Image
 
         var directory = System.IO.Path.GetDirectoryName(_file.Path) ?? "/";
         var path = System.IO.Path.GetFullPath(System.IO.Path.IsPathRooted(name) ? name : System.IO.Path.Combine(directory, name));
-        if (!File.Exists(path))
+        if (options.OpenBackingFile is null && !File.Exists(path))
         {
             throw new FileNotFoundException($"{_file.Path}: its backing file '{name}' ({path}) does not exist", path);
         }
@@ -312,13 +313,40 @@ public sealed partial class Qcow2Image
             throw new Qcow2FormatException($"{_file.Path}: the backing chain loops ({string.Join(" -> ", chain)} -> {canonical})");
         }
 
-        var format = _header.BackingFormat ?? (IsQcow2File(path) ? "qcow2" : "raw");
-        _backing = format switch
+        SafeFileHandle handle;
+        try
         {
-            "qcow2" => OpenLayer(path, options, readOnly: true, snapshot: null, chain),
-            "raw" => new RawLayer(FileBlockDevice.Open(path, readOnly: true)),
-            _ => throw new Qcow2FormatException($"{_file.Path}: the backing file format '{format}' is not supported (qcow2 or raw)"),
-        };
+            handle = options.OpenBackingFile?.Invoke(path) ?? File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        }
+        catch (FileNotFoundException exception)
+        {
+            throw new FileNotFoundException($"{_file.Path}: its backing file '{name}' ({path}) does not exist", path, exception);
+        }
+        catch (UnauthorizedAccessException exception)
+        {
+            throw new UnauthorizedAccessException($"{_file.Path}: its backing file '{name}' ({path}) cannot be opened: {exception.Message}", exception);
+        }
+
+        try
+        {
+            var format = _header.BackingFormat ?? (IsQcow2File(handle) ? "qcow2" : "raw");
+            _backing = format switch
+            {
+                "qcow2" => OpenLayer(path, handle, options, readOnly: true, snapshot: null, chain),
+                "raw" => new RawLayer(FileBlockDevice.FromHandle(handle, path, readOnly: true)),
+                _ => throw new Qcow2FormatException($"{_file.Path}: the backing file format '{format}' is not supported (qcow2 or raw)"),
+            };
+        }
+        catch
+        {
+            // OpenLayer and FromHandle dispose the handle themselves when they fail after taking it.
+            if (_backing is null && !handle.IsClosed)
+            {
+                handle.Dispose();
+            }
+
+            throw;
+        }
     }
 
     /// <summary>The images below this one, nearest first, as descriptions.</summary>

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using Microsoft.Win32.SafeHandles;
 using Spindle.Protocol;
 
 namespace Spindle.Storage.Qcow2;
@@ -175,8 +176,15 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
     /// <summary>Whether the file at <paramref name="path"/> starts with the qcow2 magic.</summary>
     public static bool IsQcow2File(string path)
     {
-        Span<byte> magic = stackalloc byte[4];
         using var handle = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        return IsQcow2File(handle);
+    }
+
+    /// <summary>Whether the open file <paramref name="handle"/> starts with the qcow2 magic (it stays open).</summary>
+    public static bool IsQcow2File(SafeFileHandle handle)
+    {
+        ArgumentNullException.ThrowIfNull(handle);
+        Span<byte> magic = stackalloc byte[4];
         return RandomAccess.Read(handle, magic, 0) == 4 && IsQcow2(magic);
     }
 
@@ -194,23 +202,53 @@ public sealed partial class Qcow2Image : BlockDevice, IChainLayer
             throw new ArgumentException("a snapshot can only be opened read-only (set ReadOnly)", nameof(options));
         }
 
-        return OpenLayer(System.IO.Path.GetFullPath(path), options, options.ReadOnly, options.Snapshot, []);
+        return OpenLayer(System.IO.Path.GetFullPath(path), null, options, options.ReadOnly, options.Snapshot, []);
     }
 
-    private static Qcow2Image OpenLayer(string fullPath, Qcow2OpenOptions options, bool readOnly, string? snapshot, List<string> chain)
+    /// <summary>
+    /// Opens a qcow2 image from a file already open (for example one opened beneath a directory with
+    /// <c>openat2(RESOLVE_BENEATH)</c>), and its backing chain. <paramref name="handle"/> must allow writing unless
+    /// <see cref="Qcow2OpenOptions.ReadOnly"/>; the image owns it from now on, and disposes it when it fails to open.
+    /// </summary>
+    /// <param name="handle">The image file.</param>
+    /// <param name="path">Its path: for messages, and to resolve relative backing file names.</param>
+    /// <param name="options">How to open it; <see cref="Qcow2OpenOptions.OpenBackingFile"/> opens the backing files.</param>
+    /// <exception cref="Qcow2FormatException">Not qcow2, corrupt, or using a feature this backend refuses.</exception>
+    public static Qcow2Image Open(SafeFileHandle handle, string path, Qcow2OpenOptions? options = null)
     {
-        if (!File.Exists(fullPath))
+        ArgumentNullException.ThrowIfNull(handle);
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        options ??= new Qcow2OpenOptions();
+        if (options.Snapshot is not null && !options.ReadOnly)
+        {
+            handle.Dispose();
+            throw new ArgumentException("a snapshot can only be opened read-only (set ReadOnly)", nameof(options));
+        }
+
+        return OpenLayer(System.IO.Path.GetFullPath(path), handle, options, options.ReadOnly, options.Snapshot, []);
+    }
+
+    private static Qcow2Image OpenLayer(string fullPath, SafeFileHandle? handle, Qcow2OpenOptions options, bool readOnly, string? snapshot, List<string> chain)
+    {
+        if (handle is null && !File.Exists(fullPath))
         {
             throw new FileNotFoundException($"'{fullPath}' does not exist", fullPath);
         }
 
-        var file = ImageFile.Open(fullPath, readOnly);
+        var file = handle is null ? ImageFile.Open(fullPath, readOnly) : ImageFile.FromHandle(handle, fullPath);
         Qcow2Image? image = null;
         try
         {
+            // Locked before anything is read: another owner's metadata may be in flux.
+            var lockNote = options.Lock ? file.Lock(!readOnly) : null;
             var header = ReadHeader(file);
             CheckSupported(header, file.Path, readOnly, options);
             image = new Qcow2Image(file, header, options, readOnly, snapshot);
+            if (lockNote is not null)
+            {
+                image._warnings.Add(lockNote);
+            }
+
             chain.Add(CanonicalPath(fullPath));
             image.OpenBacking(options, chain);
             if (!readOnly)

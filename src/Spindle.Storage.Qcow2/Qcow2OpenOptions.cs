@@ -1,6 +1,8 @@
+using Microsoft.Win32.SafeHandles;
+
 namespace Spindle.Storage.Qcow2;
 
-/// <summary>How <see cref="Qcow2Image.Open"/> opens an image.</summary>
+/// <summary>How <see cref="Qcow2Image.Open(string, Qcow2OpenOptions?)"/> opens an image.</summary>
 public sealed class Qcow2OpenOptions
 {
     /// <summary>Open without write access. Default: false (read-write).</summary>
@@ -46,4 +48,22 @@ public sealed class Qcow2OpenOptions
     /// read as zeroes (qemu's <c>-o backing.driver=null-co</c> view); only useful for inspection.
     /// </summary>
     public bool OpenBackingChain { get; init; } = true;
+
+    /// <summary>
+    /// Opens each backing file, read-only, given its full path (resolved against the directory of the image naming
+    /// it). Default: null, which opens it with <see cref="File.OpenHandle"/>. A server exporting a directory of
+    /// images sets it to confine backing files to that directory: an image is data, and a hostile one could
+    /// otherwise name any file the server may read (<c>/etc/shadow</c>) as its backing file. It throws
+    /// <see cref="FileNotFoundException"/> or <see cref="UnauthorizedAccessException"/> to refuse.
+    /// </summary>
+    public Func<string, SafeFileHandle>? OpenBackingFile { get; init; }
+
+    /// <summary>
+    /// Take qemu's image locks on the image and its qcow2 backing files (open file description locks on bytes
+    /// 100-203, qemu's <c>locking=on</c>): while this instance has the image open, qemu-img, qemu-io and qemu-nbd
+    /// refuse to open it (unless told to share with <c>-U</c>), an image they have open is refused here, and so is a
+    /// second writable instance in this process. Default: true. Only turn it off (qemu's <c>file.locking=off</c>)
+    /// when something else guarantees that no one else writes the image.
+    /// </summary>
+    public bool Lock { get; init; } = true;
 }

@@ -40,6 +40,46 @@ public sealed class MountCommandTests
     }
 
     [Fact]
+    public async Task Mount_of_a_qcow2_image_exposes_its_virtual_disk_and_qemu_reads_what_was_written()
+    {
+        using var scratch = new TempDirectory();
+        var image = scratch.File("vm.qcow2");
+        await PeerTool.RunCheckedAsync("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", image, "32M"]);
+        await PeerTool.RunCheckedAsync("qemu-io", ["-f", "qcow2", "-c", "write -P 0x3c 0 1M", image]);
+        var directory = Directory.CreateDirectory(scratch.File("mnt")).FullName;
+        var data = Patterns.Generate(3 << 20, 65536, seed: 7);
+        try
+        {
+            var (process, line, output) = await SpindleCli.StartAsync("mount", image, directory);
+            using (process)
+            {
+                Assert.Equal(32 << 20, new FileInfo(line).Length);
+                using (var file = PosixFile.Open(line, Posix.ORdWr))
+                {
+                    Assert.All(file.ReadExactly(0, 4096), b => Assert.Equal(0x3c, b));
+                    file.WriteExactly(data, 3 << 20);
+                }
+
+                Assert.Equal(0, await SpindleCli.StopAsync(process));
+                Assert.Null(MountTable.Find(directory));
+            }
+
+            // The image is still qcow2, consistent, and holds what went through the mount.
+            var check = await PeerTool.RunAsync("qemu-img", ["check", image]);
+            Assert.True(check.ExitCode == 0, check.ToString());
+            var raw = scratch.File("vm.raw");
+            await PeerTool.RunCheckedAsync("qemu-img", ["convert", "-f", "qcow2", "-O", "raw", image, raw]);
+            var bytes = await File.ReadAllBytesAsync(raw);
+            Assert.Equal(data, bytes[(3 << 20)..((3 << 20) + data.Length)]);
+            Assert.All(bytes[..(1 << 20)], b => Assert.Equal(0x3c, b));
+        }
+        finally
+        {
+            SpindleCli.EnsureUnmounted(directory);
+        }
+    }
+
+    [Fact]
     public async Task SIGTERM_while_the_file_is_open_serves_it_until_closed()
     {
         using var scratch = new TempDirectory();

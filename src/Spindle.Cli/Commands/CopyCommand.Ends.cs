@@ -1,5 +1,7 @@
+using Spindle.Cli.Hosting;
 using Spindle.Client;
 using Spindle.Storage;
+using Spindle.Storage.Qcow2;
 
 namespace Spindle.Cli.Commands;
 
@@ -12,7 +14,7 @@ internal static partial class CopyCommand
     /// <summary>What <c>--json</c> says about an end.</summary>
     internal sealed record EndpointSummary(string Kind, long Size, int? Connections, bool Extents);
 
-    /// <summary>An NBD URI (read-only), <c>null:SIZE</c>, or a file or block device (read-only).</summary>
+    /// <summary>An NBD URI (read-only), <c>null:SIZE</c>, or a file or block device (read-only; a qcow2 image through its format).</summary>
     private static async Task<BlockDevice> OpenSourceAsync(string name, CopySettings settings, CancellationToken cancellationToken)
     {
         if (name.StartsWith(NullName, StringComparison.Ordinal))
@@ -25,12 +27,14 @@ internal static partial class CopyCommand
 
         if (!NbdUri.LooksLikeUri(name))
         {
-            if (!File.Exists(name) && !name.StartsWith("/dev/", StringComparison.Ordinal))
+            // A qcow2 image is read through its format (FILE@SNAPSHOT reads an internal snapshot); anything else raw.
+            var (path, snapshot) = ImageBackend.SplitSnapshot(name, ImageFormat.Auto);
+            if (!File.Exists(path) && !path.StartsWith("/dev/", StringComparison.Ordinal))
             {
                 throw new FileNotFoundException($"source '{name}' does not exist");
             }
 
-            return FileBlockDevice.Open(name, readOnly: true);
+            return ImageBackend.Open(path, snapshot is null ? ImageFormat.Auto : ImageFormat.Qcow2, readOnly: true, snapshot: snapshot);
         }
 
         var options = ClientOptions(settings);
@@ -45,8 +49,9 @@ internal static partial class CopyCommand
 
     /// <summary>
     /// Opens the destination: <c>null:</c>, an NBD URI (which must be writable), a block device (which must be at
-    /// least <paramref name="size"/> bytes), an existing regular file (emptied and resized to <paramref name="size"/>,
-    /// like cp) or a new sparse file. <c>Emptied</c> is true for a file made or emptied here: it reads as zeroes.
+    /// least <paramref name="size"/> bytes), an existing qcow2 image (written into, its virtual size at least
+    /// <paramref name="size"/>), an existing regular file (emptied and resized to <paramref name="size"/>, like cp)
+    /// or a new sparse file. <c>Emptied</c> is true for a file made or emptied here: it reads as zeroes.
     /// </summary>
     private static async Task<(BlockDevice Device, bool Emptied)> OpenDestinationAsync(string name, long size, CopySettings settings, CancellationToken cancellationToken)
     {
@@ -82,7 +87,20 @@ internal static partial class CopyCommand
 
         if (!File.Exists(path) && !path.StartsWith("/dev/", StringComparison.Ordinal))
         {
+            if (path.EndsWith(".qcow2", StringComparison.OrdinalIgnoreCase))
+            {
+                await Console.Error.WriteLineAsync(
+                    $"spindle: warning: creating {path} as a raw file (spindle creates no qcow2 images: to copy into one, make it first with qemu-img create -f qcow2)").ConfigureAwait(false);
+            }
+
             return (FileBlockDevice.Open(path, readOnly: false, createSize: size), true);
+        }
+
+        // An existing qcow2 image is a disk to write into, as nbdcopy and qemu-img convert -n write into one served
+        // by qemu-nbd: it keeps its format, size, snapshots and backing file; only its contents change.
+        if (IsQcow2(path))
+        {
+            return (ImageBackend.Open(path, ImageFormat.Qcow2, readOnly: false), false);
         }
 
         var existing = FileBlockDevice.Open(path, readOnly: false);
@@ -112,6 +130,18 @@ internal static partial class CopyCommand
         return options;
     }
 
+    private static bool IsQcow2(string path)
+    {
+        try
+        {
+            return Qcow2Image.IsQcow2File(path);
+        }
+        catch (Exception exception) when (exception is IOException or UnauthorizedAccessException)
+        {
+            return false;
+        }
+    }
+
     private static EndpointSummary Summarize(BlockDevice device)
     {
         var extents = (device.Features & BlockDeviceFeatures.Extents) != 0;
@@ -120,6 +150,7 @@ internal static partial class CopyCommand
             NbdBlockDevice nbd => new EndpointSummary("nbd", device.Size, nbd.Client.ConnectionCount, extents),
             FileBlockDevice file => new EndpointSummary(file.IsBlockDevice ? "block device" : "file", device.Size, null, extents),
             NullBlockDevice => new EndpointSummary("null", device.Size, null, false),
+            Qcow2Image => new EndpointSummary("qcow2", device.Size, null, extents),
             _ => new EndpointSummary(device.GetType().Name, device.Size, null, extents),
         };
     }

@@ -28,7 +28,8 @@ internal sealed record MountSourceOptions(bool ReadOnly, long? CreateSize)
 internal delegate ValueTask<BlockDevice> MountUriOpener(Uri uri, MountSourceOptions options, CancellationToken cancellationToken);
 
 /// <summary>
-/// What <c>spindle mount</c> and <c>spindle attach</c> expose: a local file or block device, <c>memory:SIZE</c>,
+/// What <c>spindle mount</c> and <c>spindle attach</c> expose: a local file or block device (raw, or a qcow2 image's
+/// virtual disk), <c>memory:SIZE</c>,
 /// or a URI whose scheme has been registered with <see cref="RegisterUriScheme"/>.
 /// </summary>
 /// <remarks>
@@ -106,23 +107,19 @@ internal static class MountSource
             return new MemoryBlockDevice(size, options.ReadOnly);
         }
 
-        try
+        // A qcow2 image exposes its virtual disk (FILE@SNAPSHOT an internal snapshot, read-only); anything else raw.
+        var (path, snapshot) = ImageBackend.SplitSnapshot(source, ImageFormat.Auto);
+        if (snapshot is not null && !options.ReadOnly)
         {
-            return FileBlockDevice.Open(source, options.ReadOnly, options.CreateSize);
+            throw new ConfigurationException($"'{source}' is an internal snapshot of {path}, which can only be read: add --read-only");
         }
-        catch (FileNotFoundException)
+
+        if (options.CreateSize is not null || File.Exists(path) || path.StartsWith("/dev/", StringComparison.Ordinal))
         {
-            throw new ConfigurationException($"'{source}' does not exist (give --create SIZE to create it, or memory:SIZE for a disk in memory)");
+            return ImageBackend.Open(path, snapshot is null ? ImageFormat.Auto : ImageFormat.Qcow2, options.ReadOnly, options.CreateSize, snapshot, " (use --read-only if you may only read it)");
         }
-        catch (UnauthorizedAccessException exception)
-        {
-            var hint = options.ReadOnly ? string.Empty : " (use --read-only if you may only read it)";
-            throw new ConfigurationException($"cannot open '{source}': {exception.Message}{hint}");
-        }
-        catch (IOException exception)
-        {
-            throw new ConfigurationException($"cannot open '{source}': {exception.Message}");
-        }
+
+        throw new ConfigurationException($"'{source}' does not exist (give --create SIZE to create it, or memory:SIZE for a disk in memory)");
     }
 
     /// <summary>A short name for the source, usable as a directory name: the file name, the export name, or "memory".</summary>

@@ -21,6 +21,8 @@ internal static class ServeCommand
 
         Examples:
           spindle serve disk.img                      serve disk.img as the default export on port 10809
+          spindle serve vm.qcow2                      a qcow2 image (detected; --format raw serves its bytes as they are)
+          spindle serve vm.qcow2@before-upgrade       an internal snapshot of it, read-only (docs/qcow2.md)
           spindle serve --port 1234 /dev/sdb1         serve a block device on port 1234
           spindle serve -r --bind 127.0.0.1 disk.img  read-only, reachable from this machine only
           spindle serve --memory 1G                   a 1 GiB sparse disk in memory
@@ -42,7 +44,7 @@ internal static class ServeCommand
     {
         var image = new Argument<string?>("image")
         {
-            Description = "The file or block device to serve, or rbd:pool/[namespace/]image[@snapshot] for a Ceph RBD image (omit with --memory or --config).",
+            Description = "The file or block device to serve (raw or qcow2; FILE@SNAPSHOT for a qcow2 internal snapshot), or rbd:pool/[namespace/]image[@snapshot] for a Ceph RBD image (omit with --memory or --config).",
             Arity = ArgumentArity.ZeroOrOne,
         };
         var port = new Option<int?>("--port", "-p") { Description = "TCP port to listen on [default: 10809]." };
@@ -61,6 +63,7 @@ internal static class ServeCommand
         var readOnly = new Option<bool>("--read-only", "-r") { Description = "Serve read-only: writes fail with EPERM." };
         var memory = new Option<string?>("--memory", "-m") { Description = "Serve a sparse in-memory disk of this size (e.g. 1G) instead of a file." };
         var create = new Option<string?>("--create") { Description = "Create IMAGE, sparse, with this size if it does not exist (e.g. 10G)." };
+        var format = new Option<string?>("--format", "-f") { Description = "The image format of IMAGE or of the images below --dir: raw, qcow2 or auto [default: auto, detected from the header]." };
         var config = new Option<string?>("--config", "-C") { Description = "Serve the exports of this configuration file (nbd-server's format)." };
         var rbdConf = new Option<string?>("--rbd-conf") { Description = "With rbd:IMAGE: the ceph.conf to read [default: Ceph's search, e.g. /etc/ceph/ceph.conf]." };
         var rbdId = new Option<string?>("--rbd-id") { Description = "With rbd:IMAGE: the cephx user, without \"client.\" [default: admin]." };
@@ -93,7 +96,7 @@ internal static class ServeCommand
 
         var command = new Command("serve", Examples)
         {
-            image, port, bind, unix, name, description, readOnly, memory, create, config, rbdConf, rbdId, rbdKeyring, noList,
+            image, port, bind, unix, name, description, readOnly, memory, create, format, config, rbdConf, rbdId, rbdKeyring, noList,
             directory, sessions, uuid, label, serial, stateDir, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
         };
         layers.AddTo(command);
@@ -121,7 +124,7 @@ internal static class ServeCommand
                 configuration = BuildConfiguration(
                     parse.GetValue(image), parse.GetValue(config), parse.GetValue(memory), parse.GetValue(create),
                     parse.GetValue(name)!, parse.GetValue(description), parse.GetValue(readOnly),
-                    RbdSettings(parse.GetValue(rbdConf), parse.GetValue(rbdId), parse.GetValue(rbdKeyring)), parse.GetValue(directory));
+                    RbdSettings(parse.GetValue(rbdConf), parse.GetValue(rbdId), parse.GetValue(rbdKeyring)), parse.GetValue(directory), parse.GetValue(format));
                 foreach (var session in parse.GetValue(sessions) ?? [])
                 {
                     configuration.Server.SessionNames.Add(IniConfigurationReader.ParseSessionName(session, "--session"));
@@ -228,8 +231,17 @@ internal static class ServeCommand
     internal const string RbdPrefix = "rbd:";
 
     internal static ServerConfiguration BuildConfiguration(string? image, string? configFile, string? memory, string? create, string name, string? description, bool readOnly,
-        IReadOnlyDictionary<string, string>? rbdSettings = null, string? directory = null)
+        IReadOnlyDictionary<string, string>? rbdSettings = null, string? directory = null, string? format = null)
     {
+        if (format is not null)
+        {
+            _ = ImageBackend.ParseFormat(format, "--format");
+            if (configFile is not null || memory is not null || (image is not null && image.StartsWith(RbdPrefix, StringComparison.Ordinal)))
+            {
+                throw new ConfigurationException("--format applies to a file argument or --dir (in a configuration file, give format = raw|qcow2 in the export's section)");
+            }
+        }
+
         var isRbd = image is not null && image.StartsWith(RbdPrefix, StringComparison.Ordinal);
         if (rbdSettings is { Count: > 0 } && !isRbd)
         {
@@ -276,7 +288,7 @@ internal static class ServeCommand
         }
         else if (directory is not null)
         {
-            configuration.Exports.Add(new ExportDefinition { Options = options, Backend = "directory", Location = directory, Prefix = name.Trim('/') });
+            configuration.Exports.Add(new ExportDefinition { Options = options, Backend = "directory", Location = directory, Prefix = name.Trim('/'), Format = format });
         }
         else if (isRbd)
         {
@@ -296,6 +308,7 @@ internal static class ServeCommand
                 Backend = "file",
                 Location = image,
                 Size = create is null ? null : SizeParser.Parse(create, "--create"),
+                Format = format,
             });
         }
 
@@ -392,9 +405,10 @@ internal static class ServeCommand
                             Root = definition.Location!,
                             Prefix = definition.Prefix ?? definition.Options.Name,
                             Template = definition.Options,
+                            OpenImage = ImageBackend.DirectoryOpener(ImageBackend.ParseFormat(definition.Format, definition.Source)),
                         }));
                     }
-                    catch (DirectoryNotFoundException exception)
+                    catch (Exception exception) when (exception is DirectoryNotFoundException or ConfigurationException)
                     {
                         return CliErrors.Fail(exception.Message);
                     }
@@ -410,6 +424,16 @@ internal static class ServeCommand
                 catch (ConfigurationException exception)
                 {
                     return CliErrors.Fail(exception.Message);
+                }
+
+                foreach (var warning in ImageBackend.WarningsOf(device))
+                {
+                    logger.LogWarning("{Image}: {Warning}", device.Description, warning);
+                }
+
+                if (ImageBackend.Describe(device) is { } details)
+                {
+                    logger.LogInformation("Opened {Image}: {Details}", device.Description, details);
                 }
 
                 try

@@ -14,24 +14,8 @@ internal static class BackendFactory
         switch (definition.Backend)
         {
             case "file":
-                var path = definition.Location ?? throw new ConfigurationException($"{definition.Source}: no file to serve");
-                try
-                {
-                    return FileBlockDevice.Open(path, definition.Options.ReadOnly, definition.Size);
-                }
-                catch (FileNotFoundException)
-                {
-                    throw new ConfigurationException($"'{path}' does not exist (give a size to create it: --create SIZE on the command line, filesize = SIZE in a configuration file)");
-                }
-                catch (UnauthorizedAccessException exception)
-                {
-                    var hint = definition.Options.ReadOnly ? string.Empty : " (serve it read-only with -r if you may only read it)";
-                    throw new ConfigurationException($"cannot open '{path}': {exception.Message}{hint}");
-                }
-                catch (IOException exception)
-                {
-                    throw new ConfigurationException($"cannot open '{path}': {exception.Message}");
-                }
+                // Raw or qcow2 (detected, or given with --format / format =), an internal snapshot as FILE@SNAP.
+                return ImageBackend.OpenExport(definition);
 
             case "memory":
                 var size = definition.Size ?? throw new ConfigurationException($"{definition.Source}: a memory export needs a size");

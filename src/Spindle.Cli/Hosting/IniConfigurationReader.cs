@@ -167,6 +167,11 @@ public static class IniConfigurationReader
                 throw new ConfigurationException($"{definition.Source}: directory export [{definition.Options.Name}] cannot have layers (copyonwrite, cow, partition, offset, length, rate, delay_*, error_*, log_requests)");
             }
 
+            if ((definition.Format is not null && definition.Backend is not ("file" or "directory")) || (definition.Snapshot is not null && definition.Backend != "file"))
+            {
+                throw new ConfigurationException($"{definition.Source}: export [{definition.Options.Name}]: 'format' applies to files and directories, 'snapshot' to a qcow2 file");
+            }
+
             if (definition.Backend is "file" or "memory" or "directory" && definition.Settings.Count > 0)
             {
                 var key = definition.Settings.Keys.First();
@@ -298,6 +303,14 @@ public static class IniConfigurationReader
                 break;
             case "backend":
                 export.Backend = value.ToLowerInvariant();
+                break;
+            case "format":
+                // raw, qcow2 or auto (docs/qcow2.md): checked here so a typo names its line.
+                _ = ImageBackend.ParseFormat(value, where);
+                export.Format = value;
+                break;
+            case "snapshot":
+                export.Snapshot = value;
                 break;
             case "filesize":
             case "size":

@@ -27,6 +27,12 @@ public sealed class ExportDefinition
     /// <summary>Where each of <see cref="Settings"/> was written (file:line), for error messages.</summary>
     public Dictionary<string, string> SettingSources { get; } = new(StringComparer.OrdinalIgnoreCase);
 
+    /// <summary>For "file" and "directory": raw, qcow2, or null/auto to detect it from the file's first bytes.</summary>
+    public string? Format { get; set; }
+
+    /// <summary>For "file": the qcow2 internal snapshot to serve (read-only), by id or name.</summary>
+    public string? Snapshot { get; set; }
+
     /// <summary>For "directory": the prefix of its export names (default: the section name).</summary>
     public string? Prefix { get; set; }
 

@@ -1,5 +1,5 @@
 using System.Text;
-using Spindle.Protocol;
+using Microsoft.Win32.SafeHandles;
 using Spindle.Storage;
 
 namespace Spindle.Server.Exports;
@@ -30,7 +30,24 @@ public sealed class DirectoryExportOptions
     public int MaxListed { get; init; } = 1000;
 
     public bool UsesSessions => Root.Contains(SessionPlaceholder, StringComparison.Ordinal);
+
+    /// <summary>
+    /// Turns each opened file into the device served. Default: null, every image is served as raw bytes
+    /// (<see cref="FileBlockDevice"/>). The host sets it to serve image formats (qcow2) without the server
+    /// depending on their assemblies; it must dispose <see cref="DirectoryImage.Handle"/> if it throws.
+    /// </summary>
+    public Func<DirectoryImage, BlockDevice>? OpenImage { get; init; }
 }
+
+/// <summary>An image file opened beneath a directory export's root, handed to <see cref="DirectoryExportOptions.OpenImage"/>.</summary>
+/// <param name="Handle">The file, opened with openat2(RESOLVE_BENEATH); the device takes ownership.</param>
+/// <param name="Path">Root and relative name joined: for messages and to resolve names relative to the image.</param>
+/// <param name="ReadOnly">Whether the export is read-only (the handle is then opened read-only).</param>
+/// <param name="OpenBeneathRoot">
+/// Opens another file, read-only, by full path, only if it lies beneath the same root (a backing file); throws
+/// <see cref="UnauthorizedAccessException"/> for anything outside, <see cref="FileNotFoundException"/> when missing.
+/// </param>
+public sealed record DirectoryImage(SafeFileHandle Handle, string Path, bool ReadOnly, Func<string, SafeFileHandle> OpenBeneathRoot);
 
 /// <summary>The result of looking an export name up in a directory.</summary>
 public readonly record struct DirectoryResolution(Export? Export, bool Matched, string? Problem);
@@ -41,7 +58,7 @@ public readonly record struct DirectoryResolution(Export? Export, bool Matched, 
 /// root is ever touched, whatever symlinks it contains. Opened images are shared by the connections using them and
 /// closed when the last one leaves.
 /// </summary>
-public sealed class DirectoryExportProvider : IAsyncDisposable
+public sealed partial class DirectoryExportProvider : IAsyncDisposable
 {
     /// <summary>The longest export name accepted for a directory export, in bytes.</summary>
     public const int MaxNameLength = 1024;
@@ -49,7 +66,9 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
     private const int MaxComponentLength = 255;
 
     private readonly Dictionary<string, (Export Export, int References)> _open = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, Task> _closing = new(StringComparer.Ordinal);
     private readonly Lock _lock = new();
+    private readonly SemaphoreSlim _opening = new(1, 1);
 
     public DirectoryExportProvider(DirectoryExportOptions options)
     {
@@ -99,38 +118,75 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
         }
 
         var key = root + "\0" + relative;
+        if (TryShare(key) is { } shared)
+        {
+            return new DirectoryResolution(shared, true, null);
+        }
+
+        // One image is opened at a time: two instances of one qcow2 image (two connections racing to open it)
+        // would each believe they own its metadata.
+        if (!_opening.Wait(CloseWait))
+        {
+            return new DirectoryResolution(null, true, "another image is being opened; try again");
+        }
+
+        try
+        {
+            Task? closing;
+            lock (_lock)
+            {
+                if (TryShare(key) is { } opened)
+                {
+                    return new DirectoryResolution(opened, true, null);
+                }
+
+                if (_open.Count >= Options.MaxOpenImages)
+                {
+                    return new DirectoryResolution(null, true, $"{Options.MaxOpenImages} images are already open from this directory");
+                }
+
+                _closing.TryGetValue(key, out closing);
+            }
+
+            // The last user of this image left a moment ago (NBD_OPT_INFO then NBD_OPT_GO does that) and its close
+            // (flush, then for qcow2 the bitmaps and header written back) is still running: a second instance of the
+            // same image must not start before the first has finished with the file.
+            if (closing is not null && !closing.Wait(CloseWait))
+            {
+                return new DirectoryResolution(null, true, "the image is still being closed; try again");
+            }
+
+            var export = Open(root, relative, name, out problem);
+            if (export is null)
+            {
+                return new DirectoryResolution(null, true, problem);
+            }
+
+            lock (_lock)
+            {
+                _open[key] = (export, 1);
+            }
+
+            return new DirectoryResolution(export, true, null);
+        }
+        finally
+        {
+            _opening.Release();
+        }
+    }
+
+    /// <summary>The open export of <paramref name="key"/> with one more reference, or null.</summary>
+    private Export? TryShare(string key)
+    {
         lock (_lock)
         {
             if (_open.TryGetValue(key, out var entry))
             {
                 _open[key] = (entry.Export, entry.References + 1);
-                return new DirectoryResolution(entry.Export, true, null);
+                return entry.Export;
             }
 
-            if (_open.Count >= Options.MaxOpenImages)
-            {
-                return new DirectoryResolution(null, true, $"{Options.MaxOpenImages} images are already open from this directory");
-            }
-        }
-
-        var opened = Open(root, relative, name, out problem);
-        if (opened is null)
-        {
-            return new DirectoryResolution(null, true, problem);
-        }
-
-        lock (_lock)
-        {
-            if (_open.TryGetValue(key, out var raced))
-            {
-                // Another connection opened it meanwhile: use theirs.
-                _open[key] = (raced.Export, raced.References + 1);
-                _ = opened.DisposeAsync();
-                return new DirectoryResolution(raced.Export, true, null);
-            }
-
-            _open[key] = (opened, 1);
-            return new DirectoryResolution(opened, true, null);
+            return null;
         }
     }
 
@@ -138,7 +194,6 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
     public void Release(Export export)
     {
         ArgumentNullException.ThrowIfNull(export);
-        Export? close = null;
         lock (_lock)
         {
             foreach (var (key, entry) in _open)
@@ -148,7 +203,14 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
                     if (entry.References <= 1)
                     {
                         _open.Remove(key);
-                        close = export;
+
+                        // Flushing here keeps "close" meaning "on disk": the image may be opened again by someone else
+                        // next. Resolve waits for it before opening the same image again.
+                        var previous = _closing.GetValueOrDefault(key) ?? Task.CompletedTask;
+                        Task task = null!;
+                        task = previous.ContinueWith(_ => CloseAsync(export), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default).Unwrap()
+                            .ContinueWith(_ => Forget(key, task), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+                        _closing[key] = task;
                     }
                     else
                     {
@@ -160,10 +222,19 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
             }
         }
 
-        if (close is not null)
+    }
+
+    /// <summary>How long opening an image waits for an earlier instance of it to finish closing.</summary>
+    private static readonly TimeSpan CloseWait = TimeSpan.FromSeconds(30);
+
+    private void Forget(string key, Task closing)
+    {
+        lock (_lock)
         {
-            // Flushing here keeps "close" meaning "on disk": the image may be opened again by someone else next.
-            _ = CloseAsync(close);
+            if (_closing.TryGetValue(key, out var current) && ReferenceEquals(current, closing))
+            {
+                _closing.Remove(key);
+            }
         }
     }
 
@@ -198,16 +269,21 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         Export[] exports;
+        Task[] closing;
         lock (_lock)
         {
             exports = _open.Values.Select(e => e.Export).ToArray();
             _open.Clear();
+            closing = _closing.Values.ToArray();
         }
 
         foreach (var export in exports)
         {
             await CloseAsync(export).ConfigureAwait(false);
         }
+
+        await Task.WhenAll(closing).ConfigureAwait(false);
+        _opening.Dispose();
     }
 
     /// <summary>
@@ -320,86 +396,5 @@ public sealed class DirectoryExportProvider : IAsyncDisposable
 
         root = Options.Root.Replace(DirectoryExportOptions.SessionPlaceholder, session, StringComparison.Ordinal);
         return true;
-    }
-
-    private Export? Open(string root, string relative, string name, out string? problem)
-    {
-        var directory = ConfinedOpen.OpenDirectory(root);
-        if (directory < 0)
-        {
-            problem = -directory == Errno.ENOENT ? "no such image" : $"the image directory cannot be opened (errno {-directory})";
-            return null;
-        }
-
-        try
-        {
-            var readOnly = Options.Template.ReadOnly;
-            var handle = ConfinedOpen.OpenBeneath(directory, relative, readOnly, out var errno);
-            if (handle is null)
-            {
-                problem = errno switch
-                {
-                    Errno.ENOENT => "no such image",
-                    Errno.EXDEV or Errno.ELOOP => "the name leads outside the export directory",
-                    Errno.ENOSYS => "this kernel lacks openat2, which confining names to the directory needs",
-                    21 => "that name is a directory, not an image", // EISDIR
-                    13 => "permission denied", // EACCES
-                    _ => $"cannot open the image (errno {errno})",
-                };
-                return null;
-            }
-
-            var full = Path.Combine(root, relative);
-            FileBlockDevice device;
-            try
-            {
-                device = FileBlockDevice.FromHandle(handle, full, readOnly);
-            }
-            catch (IOException exception)
-            {
-                problem = exception.Message;
-                return null;
-            }
-
-            var template = Options.Template;
-            var options = new ExportOptions
-            {
-                Name = name,
-                Description = template.Description,
-                ReadOnly = template.ReadOnly,
-                BlockSizes = template.BlockSizes,
-                Rotational = template.Rotational,
-                Flush = template.Flush,
-                Trim = template.Trim,
-                WriteZeroes = template.WriteZeroes,
-                MultiConn = template.MultiConn,
-                Tls = template.Tls,
-                Access = template.Access,
-                MaxConnections = template.MaxConnections,
-            };
-            problem = null;
-            return new Export(options, device);
-        }
-        finally
-        {
-            ConfinedOpen.CloseDirectory(directory);
-        }
-    }
-
-    private static async Task CloseAsync(Export export)
-    {
-        try
-        {
-            if (!export.IsReadOnly)
-            {
-                await export.Device.FlushAsync(CancellationToken.None).ConfigureAwait(false);
-            }
-        }
-        catch (Exception exception) when (exception is BlockDeviceException or IOException)
-        {
-            // The data was acknowledged already; a failed final flush is the kernel's to retry.
-        }
-
-        await export.DisposeAsync().ConfigureAwait(false);
     }
 }

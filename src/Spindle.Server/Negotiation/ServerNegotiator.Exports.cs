@@ -170,6 +170,10 @@ internal sealed partial class ServerNegotiator
             // Contexts chosen for another name do not carry over (proto.md: SET_META_CONTEXT names the export).
             _selected.Clear();
         }
+        else
+        {
+            RebindContexts(export);
+        }
 
         ServerLog.ExportSelected(_logger, Id, Peer, export.Name, export.Size, Flags, StructuredReplies, ExtendedHeaders, _selected.Count > 0);
     }

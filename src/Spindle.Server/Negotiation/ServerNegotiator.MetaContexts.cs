@@ -117,6 +117,35 @@ internal sealed partial class ServerNegotiator
         WriteReply(option, OptionReplyType.Ack, default);
     }
 
+    /// <summary>
+    /// Points the selected contexts at <paramref name="export"/>'s own sources. An image of a directory export is
+    /// opened for SET_META_CONTEXT and given back at once, so GO may get another instance of it (the first one closed
+    /// in between): the contexts keep their ids and names, and answer from the device actually served. A context the
+    /// new instance no longer has (its bitmap vanished in between) is dropped, as if never selected.
+    /// </summary>
+    private void RebindContexts(Export export)
+    {
+        var sources = export.Device.MetaContexts;
+        for (var i = _selected.Count - 1; i >= 0; i--)
+        {
+            var context = _selected[i];
+            if (context.Source is null || sources.Contains(context.Source))
+            {
+                continue;
+            }
+
+            var replacement = sources.FirstOrDefault(source => source.Name == context.Name);
+            if (replacement is null)
+            {
+                _selected.RemoveAt(i);
+            }
+            else
+            {
+                _selected[i] = context with { Source = replacement };
+            }
+        }
+    }
+
     /// <summary>Every context the export answers, with the id it gets when selected.</summary>
     private static List<SelectedContext> AvailableContexts(Export export)
     {

@@ -42,6 +42,9 @@ internal static partial class LinuxFile
     [LibraryImport("libc", EntryPoint = "pwritev2", SetLastError = true)]
     private static unsafe partial nint PWriteV2(int fd, IoVector* iov, int count, long offset, int flags);
 
+    [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
+    private static unsafe partial int Fcntl(int fd, int command, FileLockRegion* region);
+
     [LibraryImport("libc", EntryPoint = "fstat", SetLastError = true)]
     private static unsafe partial int FStat(int fd, byte* buffer);
 
@@ -78,6 +81,25 @@ internal static partial class LinuxFile
     }
 
     /// <summary>fallocate; returns 0 or errno. Retries on EINTR.</summary>
+    /// <summary>
+    /// An open file description lock on [<paramref name="start"/>, +<paramref name="length"/>): F_OFD_SETLK of
+    /// <paramref name="type"/> (0 read, 1 write, 2 unlock), or with <paramref name="test"/> F_OFD_GETLK, which
+    /// sets <paramref name="type"/> to the type of a conflicting lock held through another open file (2: none).
+    /// Returns 0 or the errno.
+    /// </summary>
+    public static unsafe int OfdLock(SafeFileHandle handle, bool test, ref short type, long start, long length)
+    {
+        using var fd = new FdLease(handle);
+        var region = new FileLockRegion { Type = type, Start = start, Length = length };
+        if (Fcntl(fd.Fd, test ? 36 : 37, &region) != 0)
+        {
+            return Marshal.GetLastPInvokeError();
+        }
+
+        type = region.Type;
+        return 0;
+    }
+
     public static int Allocate(SafeFileHandle handle, int mode, long offset, long length)
     {
         using var fd = new FdLease(handle);
@@ -175,5 +197,16 @@ internal static partial class LinuxFile
                 _handle.DangerousRelease();
             }
         }
+    }
+
+    /// <summary>struct flock (64-bit Linux): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    private struct FileLockRegion
+    {
+        public short Type;
+        public short Whence;
+        public long Start;
+        public long Length;
+        public int Pid;
     }
 }
