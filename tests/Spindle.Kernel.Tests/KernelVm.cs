@@ -20,6 +20,10 @@ public sealed class KernelVm : IAsyncLifetime
 
     private static readonly TimeSpan BuildLimit = TimeSpan.FromMinutes(15);
 
+    private readonly TempDirectory _packs = new();
+    private readonly SemaphoreSlim _packLock = new(1, 1);
+    private string? _spindleInitrd;
+
     public KernelVm()
     {
         ScriptDirectory = Path.Combine(FindRepositoryRoot(), "scripts", "kernel-vm");
@@ -44,14 +48,47 @@ public sealed class KernelVm : IAsyncLifetime
         KernelPackage = (await File.ReadAllTextAsync(Path.Combine(BuildDirectory, "kernel-package"))).Trim();
     }
 
-    public ValueTask DisposeAsync() => ValueTask.CompletedTask;
+    public ValueTask DisposeAsync()
+    {
+        _packs.Dispose();
+        return ValueTask.CompletedTask;
+    }
+
+    /// <summary>
+    /// An initramfs segment holding Spindle's own executable (the one the tests run, Native AOT in CI) as
+    /// /usr/local/bin/spindle, with the libraries ldd lists and the OpenSSL libraries .NET loads at run time for TLS.
+    /// Packed once per test run.
+    /// </summary>
+    public async Task<string> SpindleInitrdAsync()
+    {
+        await _packLock.WaitAsync();
+        try
+        {
+            if (_spindleInitrd is null)
+            {
+                var output = Path.Combine(_packs.Path, "spindle.gz");
+                var pack = await PeerTool.RunAsync(Path.Combine(ScriptDirectory, "pack.sh"),
+                    [output, "--lib", "libssl.so.3", "--lib", "libcrypto.so.3", $"{SpindleExecutable.Path}=/usr/local/bin/spindle"], TimeSpan.FromMinutes(2));
+                Assert.True(pack.ExitCode == 0, $"pack.sh could not pack {SpindleExecutable.Path}: {pack}");
+                _spindleInitrd = output;
+            }
+
+            return _spindleInitrd;
+        }
+        finally
+        {
+            _packLock.Release();
+        }
+    }
 
     /// <summary>
     /// Boots the VM with <paramref name="script"/> as /scenario/scenario.sh (and <paramref name="files"/> beside it),
     /// waits for it to power off and returns what it reported. The console goes to the test output.
     /// </summary>
-    public async Task<VmReport> RunAsync(string script, IReadOnlyDictionary<string, byte[]>? files = null, int cpus = 1)
+    public async Task<VmReport> RunAsync(string script, IReadOnlyDictionary<string, byte[]>? files = null, int cpus = 1, string memory = "512M",
+        IReadOnlyList<string>? extraInitrds = null, TimeSpan? limit = null)
     {
+        var bootLimit = limit ?? BootLimit;
         using var directory = new TempDirectory();
         var scenario = Path.Combine(directory.Path, "scenario");
         Directory.CreateDirectory(scenario);
@@ -62,13 +99,18 @@ public sealed class KernelVm : IAsyncLifetime
         }
 
         var watch = Stopwatch.StartNew();
-        var result = await PeerTool.RunAsync(
-            Path.Combine(ScriptDirectory, "run.sh"),
-            ["--timeout", ((int)BootLimit.TotalSeconds).ToString(System.Globalization.CultureInfo.InvariantCulture), "--cpus", cpus.ToString(System.Globalization.CultureInfo.InvariantCulture), scenario],
-            BootLimit + TimeSpan.FromMinutes(2));
+        List<string> arguments = ["--timeout", ((int)bootLimit.TotalSeconds).ToString(System.Globalization.CultureInfo.InvariantCulture),
+            "--cpus", cpus.ToString(System.Globalization.CultureInfo.InvariantCulture), "--memory", memory];
+        foreach (var extra in extraInitrds ?? [])
+        {
+            arguments.AddRange(["--initrd-extra", extra]);
+        }
+
+        arguments.Add(scenario);
+        var result = await PeerTool.RunAsync(Path.Combine(ScriptDirectory, "run.sh"), arguments, bootLimit + TimeSpan.FromMinutes(2));
         var report = new VmReport(result.ExitCode, result.StandardOutput, result.StandardError, watch.Elapsed);
         var output = TestContext.Current.TestOutputHelper;
-        output?.WriteLine($"VM ({KernelPackage}, {cpus} CPU): exit {result.ExitCode} after {watch.Elapsed.TotalSeconds:F1} s, guest booted in {report.BootSeconds?.ToString("F1", System.Globalization.CultureInfo.InvariantCulture) ?? "?"} s");
+        output?.WriteLine($"VM ({KernelPackage}, {cpus} CPU, {memory}): exit {result.ExitCode} after {watch.Elapsed.TotalSeconds:F1} s, guest booted in {report.BootSeconds?.ToString("F1", System.Globalization.CultureInfo.InvariantCulture) ?? "?"} s");
         output?.WriteLine(report.ToString());
         return report;
     }

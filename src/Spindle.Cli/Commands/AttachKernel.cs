@@ -117,6 +117,9 @@ internal static class AttachKernelDaemon
         var state = (AttachState.Load(name) ?? new AttachState { Name = name }) with
         {
             Pid = Environment.ProcessId,
+            // An adoption finds the state of the earlier process, ready: this one is not, yet.
+            Phase = AttachState.Starting,
+            Error = null,
             Source = source,
             Kind = AttachKernelOptions.Nbd,
             Arguments = arguments,
@@ -186,7 +189,7 @@ internal static class AttachKernelDaemon
 
         await using (device.ConfigureAwait(false))
         {
-            var identity = relayDevice is NbdBlockDevice nbd ? nbd.Identity : device.Export.Identity;
+            var identity = relayDevice is NbdBlockDevice nbd ? nbd.Identity : device.Export.Identity ?? await DiscoverIdentityAsync(source, logger).ConfigureAwait(false);
             IReadOnlyList<string> links = [];
             if (identity is { IsEmpty: false })
             {
@@ -229,6 +232,24 @@ internal static class AttachKernelDaemon
 
         // A device left attached keeps its state (with this pid gone): spindle detach and attach --adopt find it.
         return 0;
+    }
+
+    /// <summary>
+    /// The export's stable names, for the links of a direct device. The kernel's connections negotiate no structured
+    /// replies, and servers describe their names best with them, so a short connection of the client's own asks.
+    /// </summary>
+    private static async Task<ExportIdentity?> DiscoverIdentityAsync(string source, ILogger logger)
+    {
+        try
+        {
+            await using var probe = await NbdClient.ConnectAsync(source, new NbdClientOptions { DiscoverIdentity = true, DeadConnectionTimeout = TimeSpan.Zero }).ConfigureAwait(false);
+            return probe.Export.Identity;
+        }
+        catch (Exception exception) when (exception is NbdException or IOException)
+        {
+            logger.LogWarning("No stable-name links: asking {Source} for its names failed: {Message}", source, exception.Message);
+            return null;
+        }
     }
 
     private static async Task StopAsync(NbdKernelDevice device, MountSignals signals, ILogger logger)
