@@ -95,7 +95,9 @@ public sealed class KernelVm : IAsyncLifetime
         await File.WriteAllTextAsync(Path.Combine(scenario, "scenario.sh"), script.ReplaceLineEndings("\n"));
         foreach (var (name, bytes) in files ?? new Dictionary<string, byte[]>())
         {
-            await File.WriteAllBytesAsync(Path.Combine(scenario, name), bytes);
+            var target = Path.Combine(scenario, name);
+            Directory.CreateDirectory(Path.GetDirectoryName(target)!);
+            await File.WriteAllBytesAsync(target, bytes);
         }
 
         var watch = Stopwatch.StartNew();

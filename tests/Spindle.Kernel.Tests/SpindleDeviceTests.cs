@@ -102,9 +102,11 @@ public sealed class SpindleDeviceTests(KernelVm vm)
         });
 
         var uri = $"{(tls ? "nbds" : "nbd")}://{KernelVm.HostAddress}:{server.Port}/disk{query}";
-        var mode = relay ? "--relay" : string.Empty;
+        // Direct: a short request timeout bounds the stall of a restart. The relay keeps its default (the dead
+        // timeout plus a minute): its socket never dies with the server, the client below waits and replays.
+        var mode = relay ? "--relay" : "--io-timeout 5";
         var script = Scenario.Replace("@CONTROL@", control.Port.ToString(CultureInfo.InvariantCulture), StringComparison.Ordinal)
-            .Replace("@ATTACH@", $"spindle attach --device nbd {mode} --io-timeout 5 --dead-timeout 8 --name disk '{uri}'", StringComparison.Ordinal)
+            .Replace("@ATTACH@", $"spindle attach --device nbd {mode} --dead-timeout 8 --name disk '{uri}'", StringComparison.Ordinal)
             .Replace("@ADOPT@", relay ? "false" : "true", StringComparison.Ordinal);
         var report = await vm.RunAsync(script, files, extraInitrds: [await vm.SpindleInitrdAsync()], limit: TimeSpan.FromMinutes(8));
         await server.DisposeAsync();

@@ -130,6 +130,7 @@ internal static class AttachKernelDaemon
 
         // Before anything else allocates: a daemon serving a device the kernel may swap to must stay in memory.
         MemoryLock.LockAll(logger);
+        MemoryLock.ExemptFromOomKiller();
         using var driver = NbdDriver.TryOpen(out var missing);
         if (driver is null)
         {

@@ -29,6 +29,7 @@ internal static unsafe partial class LibC
 
     public const int MclCurrent = 1;
     public const int MclFuture = 2;
+    public const int MclOnFault = 4;
 
     public const int EIntr = 4;
     public const int EAgain = 11;
