@@ -22,7 +22,7 @@ public sealed class KernelVm : IAsyncLifetime
 
     private readonly TempDirectory _packs = new();
     private readonly SemaphoreSlim _packLock = new(1, 1);
-    private string? _spindleInitrd;
+    private readonly Dictionary<string, string> _packed = new(StringComparer.Ordinal);
 
     public KernelVm()
     {
@@ -59,21 +59,34 @@ public sealed class KernelVm : IAsyncLifetime
     /// /usr/local/bin/spindle, with the libraries ldd lists and the OpenSSL libraries .NET loads at run time for TLS.
     /// Packed once per test run.
     /// </summary>
-    public async Task<string> SpindleInitrdAsync()
+    public Task<string> SpindleInitrdAsync()
+    {
+        // The guest has no .NET runtime: an apphost (spindle beside spindle.dll) cannot run there.
+        Assert.False(File.Exists(SpindleExecutable.Path + ".dll"),
+            $"{SpindleExecutable.Path} needs the .NET runtime, which the guest lacks: publish the native executable (./spindle --version) and set {SpindleExecutable.Variable}=artifacts/spindle/spindle, as scripts/test.sh does");
+        return PackOnceAsync("spindle.gz", ["--lib", "libssl.so.3", "--lib", "libcrypto.so.3", $"{SpindleExecutable.Path}=/usr/local/bin/spindle"]);
+    }
+
+    /// <summary>
+    /// An initramfs segment holding this machine's fio with its libraries (about 80 MB unpacked: Debian links its
+    /// rbd and gluster engines in), kept out of the base image the other tests boot. Packed once per test run.
+    /// </summary>
+    public Task<string> FioInitrdAsync() => PackOnceAsync("fio.gz", [PeerTool.Require("fio")]);
+
+    private async Task<string> PackOnceAsync(string name, IReadOnlyList<string> arguments)
     {
         await _packLock.WaitAsync();
         try
         {
-            if (_spindleInitrd is null)
+            if (!_packed.TryGetValue(name, out var output))
             {
-                var output = Path.Combine(_packs.Path, "spindle.gz");
-                var pack = await PeerTool.RunAsync(Path.Combine(ScriptDirectory, "pack.sh"),
-                    [output, "--lib", "libssl.so.3", "--lib", "libcrypto.so.3", $"{SpindleExecutable.Path}=/usr/local/bin/spindle"], TimeSpan.FromMinutes(2));
-                Assert.True(pack.ExitCode == 0, $"pack.sh could not pack {SpindleExecutable.Path}: {pack}");
-                _spindleInitrd = output;
+                output = Path.Combine(_packs.Path, name);
+                var pack = await PeerTool.RunAsync(Path.Combine(ScriptDirectory, "pack.sh"), [output, .. arguments], TimeSpan.FromMinutes(2));
+                Assert.True(pack.ExitCode == 0, $"pack.sh could not pack {string.Join(' ', arguments)}: {pack}");
+                _packed[name] = output;
             }
 
-            return _spindleInitrd;
+            return output;
         }
         finally
         {
