@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
 using System.Runtime.CompilerServices;
@@ -20,6 +19,7 @@ public sealed partial class SocketTransport : Transport
     private CancellationToken _receiveToken;
     private CancellationTokenRegistration _receiveRegistration;
     private int _aborted;
+    private ReceivePoller _poller;
 
     /// <param name="socket">A connected socket; the transport owns it.</param>
     /// <param name="blocking">Blocking system calls on the connection's own thread (see <see cref="RunAsync"/>).</param>
@@ -42,7 +42,8 @@ public sealed partial class SocketTransport : Transport
     /// <summary>
     /// How long a blocking receive polls before it sleeps. A client waiting for a reply usually sends its next
     /// request within a few microseconds; catching it without sleeping saves the thread a wake-up, which costs tens
-    /// of microseconds when it must come from another CPU (in virtual machines especially). Zero turns polling off.
+    /// of microseconds when it must come from another CPU (in virtual machines especially). Polling backs off while
+    /// it does not pay (see <see cref="ReceivePoller"/>). Zero turns polling off.
     /// </summary>
     public static TimeSpan ReceivePollTime { get; set; } = TimeSpan.FromMicroseconds(50);
 
@@ -193,22 +194,8 @@ public sealed partial class SocketTransport : Transport
 
     private int ReceiveBlocking(Span<byte> buffer)
     {
-        var poll = ReceivePollTime;
-        if (poll > TimeSpan.Zero)
-        {
-            var deadline = Stopwatch.GetTimestamp() + (long)(poll.TotalSeconds * Stopwatch.Frequency);
-            // poll(2) with no timeout: true once data, the end of the stream or an error is there to receive.
-            for (var attempt = 0; attempt < 1000 && !_socket.Poll(0, SelectMode.SelectRead); attempt++)
-            {
-                if (Stopwatch.GetTimestamp() > deadline)
-                {
-                    break;
-                }
-
-                Thread.SpinWait(8);
-            }
-        }
-
+        // poll(2) with no timeout: true once data, the end of the stream or an error is there to receive.
+        _poller.Poll(ReceivePollTime, _socket, static socket => socket.Poll(0, SelectMode.SelectRead));
         return _socket.Receive(buffer, SocketFlags.None);
     }
 
