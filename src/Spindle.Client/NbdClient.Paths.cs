@@ -42,6 +42,7 @@ public sealed partial class NbdClient
     private Exception? _lastFailure;
     private long _reconnections;
     private long _resent;
+    private long _blockedTicks;
     private int _nextConnectionId = 1024;
 
     /// <summary>
@@ -166,6 +167,11 @@ public sealed partial class NbdClient
         Volatile.Write(ref _eligible, [.. live]);
         if (live.Count > 0)
         {
+            if (_downSince != 0)
+            {
+                Interlocked.Add(ref _blockedTicks, Stopwatch.GetTimestamp() - _downSince);
+            }
+
             _downSince = 0;
             _dead = null;
         }

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -77,6 +78,22 @@ public sealed partial class NbdClient : IAsyncDisposable
 
     /// <summary>Requests sent again because the connection they were on was lost before answering them.</summary>
     public long ResentRequests => Interlocked.Read(ref _resent);
+
+    /// <summary>
+    /// How long the client has had no working connection at all since it was made (requests wait meanwhile), the
+    /// current outage included.
+    /// </summary>
+    public TimeSpan BlockedTime
+    {
+        get
+        {
+            lock (_dispatchLock)
+            {
+                var ticks = Interlocked.Read(ref _blockedTicks) + (_downSince == 0 ? 0 : Stopwatch.GetTimestamp() - _downSince);
+                return Stopwatch.GetElapsedTime(0, ticks);
+            }
+        }
+    }
 
     /// <summary>How each path is doing: its working connections and its last error.</summary>
     public IReadOnlyList<NbdPathStatus> PathStatus
@@ -220,6 +237,7 @@ public sealed partial class NbdClient : IAsyncDisposable
 
             var client = new NbdClient(nbdPaths, options, reference.Export, logger);
             client.Start();
+            ClientMetrics.Register(client);
             return client;
         }
         catch
@@ -482,6 +500,7 @@ public sealed partial class NbdClient : IAsyncDisposable
         }
 
         await _closing.CancelAsync().ConfigureAwait(false);
+        ClientMetrics.Unregister(this);
         List<NbdOperation> waiting;
         NbdConnection[] connections;
         lock (_dispatchLock)
