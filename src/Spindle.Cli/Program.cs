@@ -17,6 +17,7 @@ var root = new RootCommand("Spindle: a network block device server and client sp
     MountCommand.Create(),
     AttachCommand.Create(),
     DetachCommand.Create(),
+    CtlCommand.Create(),
 };
 
 var configuration = new InvocationConfiguration

@@ -34,7 +34,7 @@ public sealed class ServerMetrics : IDisposable
             "Time from a request being parsed to its reply being queued, by export and command.");
         _meter.CreateObservableUpDownCounter("spindle.server.requests.in_flight", ObserveRequestsInFlight, "{request}",
             "Requests received and not yet answered, by export.");
-        _meter.CreateObservableUpDownCounter("spindle.server.bytes.in_flight", ObserveBytesInFlight, "By",
+        _meter.CreateObservableUpDownCounter("spindle.server.payload.in_flight", ObserveBytesInFlight, "By",
             "Payload bytes held (write data received, read data not yet sent), by export.");
         _meter.CreateObservableUpDownCounter("spindle.server.connections", ObserveConnections, "{connection}",
             "Open connections, by transport (tcp, unix) and whether TLS is up.");

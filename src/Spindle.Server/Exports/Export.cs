@@ -153,7 +153,7 @@ public sealed partial class Export : IAsyncDisposable
     public bool IsReadOnly => (_flags & TransmissionFlags.ReadOnly) != 0;
 
     /// <summary>Connections currently in transmission on this export.</summary>
-    public int ConnectionCount => Volatile.Read(ref _connections);
+    public int ConnectionCount => Math.Max(0, Volatile.Read(ref _connections));
 
     /// <summary>
     /// The transmission flags for a connection. SEND_DF is only set once structured replies (or extended headers)
