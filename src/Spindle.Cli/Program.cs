@@ -20,6 +20,10 @@ var root = new RootCommand("Spindle: a network block device server and client sp
     CtlCommand.Create(),
 };
 
+// Hidden: the manual pages and bash completion, generated from this tree (scripts/install.sh).
+root.Subcommands.Add(DocsCommand.Create(root));
+root.Subcommands[^1].Hidden = true;
+
 var configuration = new InvocationConfiguration
 {
     // Signals are handled by the commands themselves (a graceful stop needs more than a cancelled token).
