@@ -19,6 +19,9 @@ public static class ClientMetrics
     /// <summary>Instruments exist from the first client on; this makes sure they are created.</summary>
     public static string Name => Meter.Name;
 
+    /// <summary>The clients open in this process now (for a status page).</summary>
+    public static IReadOnlyList<NbdClient> OpenClients => [.. Clients.Keys];
+
     internal static void Register(NbdClient client)
     {
         _ = Meter;
