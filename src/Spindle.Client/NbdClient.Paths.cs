@@ -272,6 +272,16 @@ public sealed partial class NbdClient
     /// <summary>The server answered ESHUTDOWN (it is going away): the request is sent again elsewhere, not failed.</summary>
     private void OnShutdownReply(NbdConnection connection, NbdOperation operation)
     {
+        // The connection is closing now: take it out of the eligible set first, or the request (which prefers its
+        // path) would be offered to it again and wait for a connection that never takes it.
+        lock (_dispatchLock)
+        {
+            if (Volatile.Read(ref _disposed) == 0)
+            {
+                RebuildEligibleLocked();
+            }
+        }
+
         Requeue([operation]);
     }
 
