@@ -30,6 +30,7 @@ packages=(
   # Links the Native AOT spindle executable (./spindle, scripts/test.sh): the ILCompiler calls clang if present,
   # else gcc, and links against glibc and zlib (-lz, though nothing of it stays in the binary).
   gcc libc6-dev zlib1g-dev
+  afl++             # afl-fuzz: drives the SharpFuzz-instrumented parsers (scripts/fuzz.sh)
 )
 
 missing=()

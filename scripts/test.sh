@@ -27,3 +27,10 @@ export SPINDLE_CLI="$PWD/artifacts/spindle/spindle"
 
 echo "== test"
 dotnet test Spindle.slnx -c Release --no-build -nologo --logger "console;verbosity=normal" "$@"
+
+# Coverage-guided fuzzing, bounded: every target for SPINDLE_FUZZ_SECONDS (default 20) under AFL++. Skipped when a
+# filter picks some tests only (extra arguments), as the point then is a quick look at those.
+if [ $# -eq 0 ]; then
+  echo "== fuzz"
+  scripts/fuzz.sh "${SPINDLE_FUZZ_SECONDS:-20}"
+fi

@@ -145,6 +145,62 @@ internal static class Processes
         return 0;
     }
 
+    /// <summary>
+    /// Proportional set size of a process tree (shared pages split between the processes sharing them), read once:
+    /// for a server that forks per client (nbd-server) the RSS sum counts the shared binary and libraries once per
+    /// child, the PSS sum does not.
+    /// </summary>
+    public static long ProportionalBytes(int root)
+    {
+        var total = 0L;
+        foreach (var pid in Tree(root))
+        {
+            try
+            {
+                foreach (var line in File.ReadLines($"/proc/{pid}/smaps_rollup"))
+                {
+                    if (line.StartsWith("Pss:", StringComparison.Ordinal))
+                    {
+                        total += long.Parse(line[4..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;
+                        break;
+                    }
+                }
+            }
+            catch (Exception exception) when (exception is IOException or UnauthorizedAccessException)
+            {
+            }
+        }
+
+        return total;
+    }
+
+    /// <summary>
+    /// TCP connections in state ESTABLISHED whose local end is 127.0.0.1:<paramref name="port"/>, from /proc/net/tcp:
+    /// the server's side of every client connection, whichever process of the server holds it.
+    /// </summary>
+    public static int EstablishedConnections(int port)
+    {
+        // Each line: "sl local_address rem_address st ...", addresses as hex "0100007F:PPPP", state 01 = ESTABLISHED.
+        var local = $"0100007F:{port:X4}";
+        var count = 0;
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/net/tcp").Skip(1))
+            {
+                var fields = line.Split(' ', 5, StringSplitOptions.RemoveEmptyEntries);
+                if (fields.Length >= 4 && fields[1] == local && fields[3] == "01")
+                {
+                    count++;
+                }
+            }
+        }
+        catch (IOException)
+        {
+        }
+
+        return count;
+    }
+
     private sealed record Stat(int Parent, long UserTicks, long SystemTicks, long ChildUserTicks, long ChildSystemTicks);
 
     private static Stat? ReadStat(int pid)
@@ -191,6 +247,37 @@ internal static class Processes
         });
 
         public long PeakBytes { get; private set; }
+
+        public async ValueTask DisposeAsync()
+        {
+            await _stop.CancelAsync();
+            await _loop;
+            _stop.Dispose();
+        }
+    }
+
+    /// <summary>Samples the connections established to a port every 20 ms and keeps the most seen at once.</summary>
+    public sealed class ConnectionSampler : IAsyncDisposable
+    {
+        private readonly CancellationTokenSource _stop = new();
+        private readonly Task _loop;
+
+        public ConnectionSampler(int port) => _loop = Task.Run(async () =>
+        {
+            while (!_stop.IsCancellationRequested)
+            {
+                Peak = Math.Max(Peak, EstablishedConnections(port));
+                try
+                {
+                    await Task.Delay(20, _stop.Token);
+                }
+                catch (OperationCanceledException)
+                {
+                }
+            }
+        });
+
+        public int Peak { get; private set; }
 
         public async ValueTask DisposeAsync()
         {

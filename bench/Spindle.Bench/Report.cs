@@ -3,15 +3,29 @@ using System.Text;
 
 namespace Spindle.Bench;
 
-/// <summary>Turns the runs into docs/performance.md: medians, spreads, ratios to the best peer, targets.</summary>
-internal static class Report
-{
-    private const string Spindle = "spindle";
+/// <summary>Everything the report is made of: the run's options, what was measured, and the servers' flags.</summary>
+internal sealed record ReportInput(
+    BenchOptions Options,
+    SpindleBinary Binary,
+    IReadOnlyList<ServerUnderTest> Servers,
+    IReadOnlyList<Comparison> Comparisons,
+    IReadOnlyList<RunResult> Results,
+    IReadOnlyDictionary<string, double> Limits,
+    IReadOnlyDictionary<string, bool?> MultiConn);
 
-    public static string Build(BenchOptions options, IReadOnlyList<ServerUnderTest> servers, IReadOnlyList<RunResult> results, IReadOnlyDictionary<string, double> limits)
+/// <summary>
+/// Turns the runs into docs/performance.md: medians, spreads, ratios to the best peer per comparison, limits, and
+/// issue 12's targets (<see cref="Report"/>'s Targets part).
+/// </summary>
+internal static partial class Report
+{
+    private const string Spindle = ServerVariants.Spindle;
+
+    public static string Build(ReportInput input)
     {
         var text = new StringBuilder();
         void Line(string line = "") => text.Append(line).Append('\n');
+        var options = input.Options;
 
         Line("# Performance");
         Line();
@@ -19,69 +33,106 @@ internal static class Report
         Line("image of random data from 127.0.0.1, all in the same run, the order rotating each round. These machines are");
         Line("shared and noisy: only the ratios from one run mean anything, not the absolute figures.");
         Line();
-        Line($"Machine: {Machine()}. Versions: {Versions(servers)}.");
+        Line($"Machine: {Machine()}. Versions: {Versions(input)}.");
+        Line();
+        Line($"The spindle measured is `{Path.GetRelativePath(options.RepositoryRoot, input.Binary.Path)}`, built by `./spindle`: **{input.Binary.Kind}**");
+        Line("(`native` is the Native AOT executable; `readytorun` the fallback where the native toolchain is missing).");
         Line();
         Line("## How to reproduce");
         Line();
         Line("```sh");
-        Line("bench/run                      # installs fio and the peers, builds Release, writes this file (about 15 minutes)");
-        Line("bench/run --quick --stdout     # one short round, printed instead of written");
+        Line($"bench/run                      # installs fio and the peers, builds, writes this file (about {BenchOptions.Defaults(options.RepositoryRoot).Estimate(4).TotalMinutes:F0} minutes)");
+        Line("bench/run --quick --stdout     # one short round on a 256 MiB image, printed instead of written");
         Line("bench/run --workloads randread-4k-qd1 --servers spindle,nbdkit --rounds 5");
+        Line("bench/run --workloads nbdcopy-null-1conn,nbdcopy-null-4conn   # nbdcopy to null: only");
+        Line("bench/run --workloads idle-1000 --stdout                       # the idle connections only");
+        Line("bench/run --workloads copy-to-null,copy-to-file --servers spindle   # spindle copy against nbdcopy");
         Line("```");
         Line();
         Line("Servers: `spindle serve --bind 127.0.0.1 --quiet IMAGE`; `nbdkit --foreground file IMAGE`; nbd-server 3.24 with");
         Line("`flush`, `fua` and `trim` enabled (it forks a process per client); `qemu-nbd --format=raw --cache=writeback");
-        Line("--shared=0 --persistent IMAGE`. Clients: fio's nbd engine (libnbd), one connection per job, 1 s ramp-up excluded.");
-        Line("CPU is the server's user + system time (child processes included), peak memory the highest resident set of");
-        Line("its process tree sampled every 100 ms. Every server is started afresh before each run, so a run's figures are its own.");
+        Line("--shared=0 --persistent IMAGE`. CPU is the server's user + system time (child processes included), peak memory");
+        Line("the highest resident set of its process tree sampled every 100 ms. Every server is started afresh before each");
+        Line("run, so a run's figures are its own.");
         Line();
-        Line("## Results");
+        Line("- fio workloads: fio's nbd engine (libnbd), one connection per job, 1 s ramp-up excluded; with several jobs a");
+        Line("  sequential workload gives each job its own quarter of the image.");
+        Line($"- nbdcopy workloads: `nbdcopy -C N -T N URI null:` reads the whole export; {NbdcopyWorkload.Repetitions} copies per run, the median");
+        Line("  timed (whole process), bandwidth = export size / time. nbdcopy opens N connections only if the server");
+        Line("  advertises multi-conn, and no more than its threads (`-T`, by default the number of cores), hence `-T N`. The");
+        Line("  connections used are counted on the server's port (/proc/net/tcp) during the copies.");
+        Line($"- {IdleConnectionsWorkload.Instance.Name}: {IdleConnectionsWorkload.Count} connections from the benchmark process (loopback TCP), each negotiated to");
+        Line("  transmission (fixed newstyle, NO_ZEROES, NBD_OPT_GO), held 3 s while the server's process tree is sampled, then");
+        Line("  closed with NBD_CMD_DISC. Peak RSS is the tree's sum: for nbd-server, a process per client, that counts shared");
+        Line("  pages once per child, so its proportional set size (PSS, read once while the connections are held) is shown too.");
         Line();
-        foreach (var restarted in servers.Where(s => s.Restarts > 0))
-        {
-            Line($"Note: {restarted.Name} was found dead and restarted {restarted.Restarts} time(s) during the run.");
-            Line();
-        }
 
-        Line($"Medians of {options.Rounds} rounds of {options.Duration.TotalSeconds:F0} s; the spread is min-max over the rounds.");
-        Line();
-
-        var ratios = new Dictionary<string, (double Ratio, string Peer)>();
-        foreach (var workload in Workload.All)
+        var ratios = new Dictionary<(string Comparison, string Workload), (double Ratio, string Peer)>();
+        foreach (var comparison in input.Comparisons)
         {
-            var runs = results.Where(r => r.Workload == workload.Name).ToList();
+            var members = comparison.Members.ToList();
+            var runs = input.Results.Where(r => members.Contains(r.Server)).ToList();
             if (runs.Count == 0)
             {
                 continue;
             }
 
-            Line($"### {workload.Title}");
+            Line(comparison.Name == ServerVariants.Peers ? "## Results" : $"## {comparison.Title}");
             Line();
-            Line("| server | IOPS | MiB/s | mean latency (us) | p99 latency (us) | server CPU per op (us) | peak RSS (MiB) |");
-            Line("|---|---:|---:|---:|---:|---:|---:|");
-            foreach (var server in servers)
+            if (comparison.Name == ServerVariants.Peers)
             {
-                var mine = runs.Where(r => r.Server == server.Name).ToList();
+                foreach (var restarted in input.Servers.Where(s => s.Restarts > 0))
+                {
+                    Line($"Note: {restarted.Name} was found dead and restarted {restarted.Restarts} time(s) during the run.");
+                    Line();
+                }
+            }
+
+            Line($"Medians of {options.Rounds} round(s) of {options.Duration.TotalSeconds:F0} s; the spread is min-max over the rounds.");
+            Line($"Ratios are {comparison.Subject} / the best of {string.Join(", ", comparison.References)}.");
+            Line();
+            foreach (var workload in ServerWorkloads.All)
+            {
+                var mine = runs.Where(r => r.Workload == workload.Name).ToList();
                 if (mine.Count == 0)
                 {
                     continue;
                 }
 
-                Line($"| {server.Name} | {Cell(mine, r => r.Iops, "F0")} | {Cell(mine, r => r.BytesPerSecond / (1 << 20), "F1")} | {Cell(mine, r => r.MeanMicroseconds, "F1")} | {Cell(mine, r => r.P99Microseconds, "F0")} | {Cell(mine, r => r.CpuMicrosecondsPerOperation, "F1")} | {Median(mine.Select(r => (double)(r.PeakRssBytes >> 20))):F0} |");
-            }
-
-            if (Best(runs, workload.Metric) is { } best)
-            {
-                ratios[workload.Name] = best;
-                var what = workload.Metric == Metric.Latency ? "mean latency (lower is better)" : workload.Metric == Metric.Iops ? "IOPS" : "throughput";
+                Line($"### {workload.Title}");
                 Line();
-                Line($"Spindle / best peer ({best.Peer}), {what}: **{best.Ratio.ToString("F2", CultureInfo.InvariantCulture)}x**");
-            }
+                switch (workload)
+                {
+                    case NbdcopyWorkload:
+                        NbdcopyTable(Line, members, mine, input.MultiConn);
+                        break;
+                    case IdleConnectionsWorkload:
+                        IdleTable(Line, members, mine);
+                        break;
+                    default:
+                        FioTable(Line, members, mine);
+                        break;
+                }
 
-            Line();
+                if (Best(mine, comparison, workload.Metric) is { } best)
+                {
+                    ratios[(comparison.Name, workload.Name)] = best;
+                    var what = workload.Metric switch
+                    {
+                        Metric.Latency => "mean latency (lower is better)",
+                        Metric.Memory => "peak RSS (lower is better)",
+                        Metric.Iops => "IOPS",
+                        _ => "throughput",
+                    };
+                    Line();
+                    Line($"{comparison.Subject} / best of the others ({best.Peer}), {what}: **{best.Ratio.ToString("F2", CultureInfo.InvariantCulture)}x**");
+                }
+
+                Line();
+            }
         }
 
-        var copies = results.Where(r => r.Workload.StartsWith("copy-to-", StringComparison.Ordinal)).ToList();
+        var copies = input.Results.Where(r => r.Workload.StartsWith("copy-to-", StringComparison.Ordinal)).ToList();
         if (copies.Count > 0)
         {
             Line("### Copying the whole export: `spindle copy` and `nbdcopy`");
@@ -104,73 +155,19 @@ internal static class Report
             Line();
         }
 
+        var limits = input.Limits;
         Line("## Limits measured in the same run");
         Line();
         Line("| limit | value |");
         Line("|---|---:|");
-        Limit(limits, "tcp_stream_bytes_per_second", "loopback TCP stream (one connection, 1 MiB writes)", v => $"{v / (1 << 20):F0} MiB/s");
-        Limit(limits, "round_trip_mean_us", "round trip, 28-byte request / 16+4096-byte reply, mean", v => $"{v:F1} us");
-        Limit(limits, "round_trip_p99_us", "round trip, p99", v => $"{v:F1} us");
-        Limit(limits, "local_randread_4k_qd1_iops", "the image read locally, 4k random (psync)", v => $"{v:F0} IOPS, {limits.GetValueOrDefault("local_randread_4k_qd1_mean_us"):F1} us mean");
-        Limit(limits, "local_read_1m_bytes_per_second", "the image read locally, 1M sequential (psync)", v => $"{v / (1 << 20):F0} MiB/s");
+        Limit("tcp_stream_bytes_per_second", "loopback TCP stream (one connection, 1 MiB writes)", v => $"{v / (1 << 20):F0} MiB/s");
+        Limit("round_trip_mean_us", "round trip, 28-byte request / 16+4096-byte reply, mean", v => $"{v:F1} us");
+        Limit("round_trip_p99_us", "round trip, p99", v => $"{v:F1} us");
+        Limit("local_randread_4k_qd1_iops", "the image read locally, 4k random (psync)", v => $"{v:F0} IOPS, {limits.GetValueOrDefault("local_randread_4k_qd1_mean_us"):F1} us mean");
+        Limit("local_read_1m_bytes_per_second", "the image read locally, 1M sequential (psync)", v => $"{v / (1 << 20):F0} MiB/s");
         Line();
 
-        Line("## Targets");
-        Line();
-        Line("| target | measured | met |");
-        Line("|---|---|---|");
-        foreach (var name in new[] { "randread-4k-qd32", "randwrite-4k-qd32", "randread-4k-4conn" })
-        {
-            if (ratios.TryGetValue(name, out var r))
-            {
-                Target($"{name}: at least 1.5x the best peer's IOPS", $"{r.Ratio:F2}x {r.Peer}", r.Ratio >= 1.5);
-            }
-        }
-
-        var stream = limits.GetValueOrDefault("tcp_stream_bytes_per_second");
-        foreach (var name in new[] { "read-1m-qd8", "write-1m-qd8" })
-        {
-            var mine = results.Where(r => r.Workload == name && r.Server == Spindle).ToList();
-            if (mine.Count > 0 && stream > 0)
-            {
-                var fraction = Median(mine.Select(r => r.BytesPerSecond)) / stream;
-                Target($"{name}: at least 90% of the loopback TCP stream", $"{fraction * 100:F0}%", fraction >= 0.9);
-            }
-        }
-
-        var qd1 = results.Where(r => r.Workload == "randread-4k-qd1").ToList();
-        if (qd1.Any(r => r.Server == Spindle) && qd1.Any(r => r.Server != Spindle))
-        {
-            var mean = Median(qd1.Where(r => r.Server == Spindle).Select(r => r.MeanMicroseconds));
-            var p99 = Median(qd1.Where(r => r.Server == Spindle).Select(r => r.P99Microseconds));
-            var bestMean = qd1.Where(r => r.Server != Spindle).GroupBy(r => r.Server).Min(g => Median(g.Select(r => r.MeanMicroseconds)));
-            var bestP99 = qd1.Where(r => r.Server != Spindle).GroupBy(r => r.Server).Min(g => Median(g.Select(r => r.P99Microseconds)));
-            Target("4k QD1 mean latency no more than the best peer's", $"{mean:F1} us vs {bestMean:F1} us", mean <= bestMean);
-            Target("4k QD1 p99 latency no more than the best peer's", $"{p99:F0} us vs {bestP99:F0} us", p99 <= bestP99);
-            var floor = limits.GetValueOrDefault("round_trip_mean_us");
-            if (floor > 0)
-            {
-                Target("4k QD1 mean latency within 15% of the round-trip floor", $"{mean:F1} us vs {floor:F1} us floor (+{(mean / floor - 1) * 100:F0}%)", mean <= floor * 1.15);
-            }
-        }
-
-        foreach (var group in copies.GroupBy(r => r.Workload))
-        {
-            var mine = group.Where(r => r.Server == Spindle).Select(r => r.BytesPerSecond).ToList();
-            var theirs = group.Where(r => r.Server != Spindle).Select(r => r.BytesPerSecond).ToList();
-            if (mine.Count > 0 && theirs.Count > 0)
-            {
-                var ratio = Median(mine) / Median(theirs);
-                Target($"{group.Key}: spindle copy at least as fast as nbdcopy", $"{ratio:F2}x", ratio >= 1);
-            }
-        }
-
-        var fourConnections = results.Where(r => r.Workload == "randread-4k-4conn" && r.Server == Spindle).ToList();
-        if (fourConnections.Count > 0)
-        {
-            var peak = fourConnections.Max(r => r.PeakRssBytes) >> 20;
-            Target("server RSS under 64 MiB with 4 connections at QD32", $"{peak} MiB peak", peak < 64);
-        }
+        Targets(Line, input, ratios);
 
         Line();
         Line("The zero-allocation target is checked by the microbenchmarks (`dotnet run -c Release --project");
@@ -178,36 +175,37 @@ internal static class Report
         Line("an in-memory connection all report `-` (0 B) allocated per operation.");
         return text.ToString();
 
-        void Target(string name, string measured, bool met) => Line($"| {name} | {measured} | {(met ? "yes" : "**no**")} |");
-
-        void Limit(IReadOnlyDictionary<string, double> values, string key, string name, Func<double, string> format)
+        void Limit(string key, string name, Func<double, string> format)
         {
-            if (values.TryGetValue(key, out var value))
+            if (limits.TryGetValue(key, out var value))
             {
                 Line($"| {name} | {format(value)} |");
             }
         }
     }
 
-    /// <summary>Spindle's median against the best peer's: throughput over throughput, or latency over latency.</summary>
-    private static (double Ratio, string Peer)? Best(List<RunResult> runs, Metric metric)
+    /// <summary>The subject's median against the best reference's: throughput over throughput, or latency (memory) over latency (memory).</summary>
+    private static (double Ratio, string Peer)? Best(List<RunResult> runs, Comparison comparison, Metric metric)
     {
-        Func<RunResult, double> value = metric switch
-        {
-            Metric.Iops => r => r.Iops,
-            Metric.Bandwidth => r => r.BytesPerSecond,
-            _ => r => r.MeanMicroseconds,
-        };
-        var spindle = runs.Where(r => r.Server == Spindle).Select(value).ToList();
-        var peers = runs.Where(r => r.Server != Spindle).GroupBy(r => r.Server).Select(g => (Server: g.Key, Value: Median(g.Select(value)))).ToList();
-        if (spindle.Count == 0 || peers.Count == 0)
+        var value = Value(metric);
+        var subject = runs.Where(r => r.Server == comparison.Subject).Select(value).ToList();
+        var references = runs.Where(r => comparison.References.Contains(r.Server)).GroupBy(r => r.Server).Select(g => (Server: g.Key, Value: Median(g.Select(value)))).ToList();
+        if (subject.Count == 0 || references.Count == 0)
         {
             return null;
         }
 
-        var best = metric == Metric.Latency ? peers.MinBy(p => p.Value) : peers.MaxBy(p => p.Value);
-        return (Median(spindle) / best.Value, best.Server);
+        var best = metric is Metric.Latency or Metric.Memory ? references.MinBy(p => p.Value) : references.MaxBy(p => p.Value);
+        return (Median(subject) / best.Value, best.Server);
     }
+
+    private static Func<RunResult, double> Value(Metric metric) => metric switch
+    {
+        Metric.Iops => r => r.Iops,
+        Metric.Bandwidth => r => r.BytesPerSecond,
+        Metric.Memory => r => r.PeakRssBytes,
+        _ => r => r.MeanMicroseconds,
+    };
 
     private static string Cell(List<RunResult> runs, Func<RunResult, double> value, string format)
     {
@@ -235,7 +233,7 @@ internal static class Report
         return string.Create(CultureInfo.InvariantCulture, $"{Environment.ProcessorCount} cores ({model}), {long.Parse(memory, CultureInfo.InvariantCulture) >> 20} GiB, Linux {Environment.OSVersion.Version}, load average {load} at the end");
     }
 
-    private static string Versions(IReadOnlyList<ServerUnderTest> servers)
+    private static string Versions(ReportInput input)
     {
         string Probe(string program, params string[] arguments)
         {
@@ -250,11 +248,12 @@ internal static class Report
             }
         }
 
-        var parts = new List<string> { "spindle " + (servers.FirstOrDefault(s => s.Name == Spindle)?.Version ?? "?") };
+        var parts = new List<string> { $"spindle {input.Binary.Version} ({input.Binary.Kind})" };
         parts.Add(Probe("nbdkit", "--version"));
         parts.Add(Probe("nbd-server", "-V").Replace("This is ", string.Empty, StringComparison.Ordinal));
         parts.Add(Probe("qemu-nbd", "--version"));
         parts.Add(Probe("fio", "--version"));
+        parts.Add(Probe("nbdcopy", "--version"));
         return string.Join(", ", parts);
     }
 }

@@ -3,12 +3,15 @@ using System.Net.Sockets;
 
 namespace Spindle.Bench;
 
-/// <summary>One NBD server in the comparison, serving the benchmark image on 127.0.0.1.</summary>
-internal abstract class ServerUnderTest : IAsyncDisposable
+/// <summary>
+/// One NBD server in the comparison, serving its image on 127.0.0.1. <paramref name="name"/> is the row it fills in
+/// the report (and what <c>--servers</c> selects): a server variant's name, e.g. "spindle" or "qemu-nbd".
+/// </summary>
+internal abstract class ServerUnderTest(string name) : IAsyncDisposable
 {
     private Process? _process;
 
-    public abstract string Name { get; }
+    public string Name { get; } = name;
 
     public int Port { get; private set; }
 
@@ -126,31 +129,29 @@ internal abstract class ServerUnderTest : IAsyncDisposable
     }
 }
 
-internal sealed class SpindleServer(string binary) : ServerUnderTest
+/// <summary>
+/// <c>spindle serve</c> from the executable ./spindle builds (Native AOT, or ReadyToRun where the toolchain is
+/// missing); <paramref name="extraArguments"/> go before the image (a variant's own options).
+/// </summary>
+internal sealed class SpindleServer(string name, SpindleBinary binary, IReadOnlyList<string>? extraArguments = null) : ServerUnderTest(name)
 {
-    public override string Name => "spindle";
-
     protected override Process Launch(string image, int port, string workDirectory)
     {
-        Version = FileVersionInfo.GetVersionInfo(binary + ".dll").ProductVersion ?? "?";
-        return Processes.Start(binary, ["serve", "--bind", "127.0.0.1", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--quiet", image], Path.Combine(workDirectory, "spindle.log"));
+        Version = $"{binary.Version} ({binary.Kind})";
+        return Processes.Start(binary.Path, ["serve", "--bind", "127.0.0.1", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--quiet", .. extraArguments ?? [], image], Path.Combine(workDirectory, Name + ".log"));
     }
 }
 
-internal sealed class NbdkitServer : ServerUnderTest
+internal sealed class NbdkitServer() : ServerUnderTest("nbdkit")
 {
-    public override string Name => "nbdkit";
-
     protected override Process Launch(string image, int port, string workDirectory) =>
         Processes.Start("nbdkit", ["--foreground", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--ipaddr", "127.0.0.1", "file", image], Path.Combine(workDirectory, "nbdkit.log"));
 }
 
 /// <summary>Debian's nbd-server: a configuration file, flush and FUA enabled, forking a child per client.</summary>
-internal sealed class NbdServerServer : ServerUnderTest
+internal sealed class NbdServerServer() : ServerUnderTest("nbd-server")
 {
     private string? _pidFile;
-
-    public override string Name => "nbd-server";
 
     public override string ExportName => "bench";
 
@@ -176,13 +177,19 @@ internal sealed class NbdServerServer : ServerUnderTest
             throw new InvalidOperationException("nbd-server did not start: " + result.Error);
         }
 
-        for (var i = 0; i < 100 && !File.Exists(_pidFile); i++)
+        // The daemon creates the pid file and then writes it: wait (at most 10 s) until it holds a number.
+        for (var i = 0; i < 200; i++)
         {
+            if (File.Exists(_pidFile) && int.TryParse(File.ReadAllText(_pidFile).Trim(), System.Globalization.CultureInfo.InvariantCulture, out var pid))
+            {
+                Pid = pid;
+                return null;
+            }
+
             Thread.Sleep(50);
         }
 
-        Pid = int.Parse(File.ReadAllText(_pidFile).Trim(), System.Globalization.CultureInfo.InvariantCulture);
-        return null;
+        throw new InvalidOperationException($"nbd-server did not write its pid to {_pidFile}");
     }
 
     /// <summary>A daemon, not a child: its tree is found by the pid file and killed, and waited for (at most 10 s).</summary>
@@ -233,11 +240,12 @@ internal sealed class NbdServerServer : ServerUnderTest
     }
 }
 
-/// <summary>qemu-nbd: raw, writeback cache, any number of shared connections, persistent.</summary>
-internal sealed class QemuNbdServer : ServerUnderTest
+/// <summary>
+/// qemu-nbd: writeback cache, any number of shared connections, persistent; <paramref name="format"/> is the image's
+/// format as qemu names it ("raw"; "qcow2" for a qcow2 variant).
+/// </summary>
+internal sealed class QemuNbdServer(string name, string format = "raw") : ServerUnderTest(name)
 {
-    public override string Name => "qemu-nbd";
-
     protected override Process Launch(string image, int port, string workDirectory) =>
-        Processes.Start("qemu-nbd", ["--format=raw", "--bind=127.0.0.1", $"--port={port}", "--cache=writeback", "--shared=0", "--persistent", image], Path.Combine(workDirectory, "qemu-nbd.log"));
+        Processes.Start("qemu-nbd", [$"--format={format}", "--bind=127.0.0.1", $"--port={port}", "--cache=writeback", "--shared=0", "--persistent", image], Path.Combine(workDirectory, Name + ".log"));
 }

@@ -52,12 +52,39 @@ internal enum Metric
     Iops,
     Bandwidth,
     Latency,
+
+    /// <summary>Peak resident memory, lower is better.</summary>
+    Memory,
 }
 
-/// <summary>One fio workload over NBD (fio's nbd engine, one connection per job).</summary>
-internal sealed record Workload(string Name, string Title, string Pattern, string BlockSize, int Depth, int Jobs, Metric Metric)
+/// <summary>
+/// A workload run against each server (restarted before each run, so its figures are its own): fio over NBD, nbdcopy
+/// to null:, or connections held idle.
+/// </summary>
+internal interface IServerWorkload
 {
-    public static readonly IReadOnlyList<Workload> All =
+    string Name { get; }
+
+    string Title { get; }
+
+    Metric Metric { get; }
+
+    Task<RunResult> RunAsync(ServerUnderTest server, BenchOptions options, string work, int round);
+}
+
+/// <summary>Every server workload, in the order a round runs them.</summary>
+internal static class ServerWorkloads
+{
+    public static IReadOnlyList<IServerWorkload> All => [.. FioWorkload.All, .. NbdcopyWorkload.All, IdleConnectionsWorkload.Instance];
+}
+
+/// <summary>
+/// One fio workload over NBD (fio's nbd engine, one connection per job). A sequential workload with several jobs
+/// gives each job its own slice of the image, so the jobs do not all read or write the same blocks.
+/// </summary>
+internal sealed record FioWorkload(string Name, string Title, string Pattern, string BlockSize, int Depth, int Jobs, Metric Metric) : IServerWorkload
+{
+    public static readonly IReadOnlyList<FioWorkload> All =
     [
         new("randread-4k-qd32", "4k random read, QD32", "randread", "4k", 32, 1, Metric.Iops),
         new("randwrite-4k-qd32", "4k random write, QD32", "randwrite", "4k", 32, 1, Metric.Iops),
@@ -65,9 +92,12 @@ internal sealed record Workload(string Name, string Title, string Pattern, strin
         new("write-1m-qd8", "1M sequential write, QD8", "write", "1M", 8, 1, Metric.Bandwidth),
         new("randread-4k-qd1", "4k random read, QD1 (latency)", "randread", "4k", 1, 1, Metric.Latency),
         new("randread-4k-4conn", "4k random read, 4 connections x QD32", "randread", "4k", 32, 4, Metric.Iops),
+        new("randwrite-4k-4conn", "4k random write, 4 connections x QD32", "randwrite", "4k", 32, 4, Metric.Iops),
+        new("read-1m-qd8-4conn", "1M sequential read, 4 connections x QD8", "read", "1M", 8, 4, Metric.Bandwidth),
+        new("write-1m-qd8-4conn", "1M sequential write, 4 connections x QD8", "write", "1M", 8, 4, Metric.Bandwidth),
     ];
 
-    public async Task<RunResult> RunAsync(ServerUnderTest server, BenchOptions options, string work, int round, string root)
+    public async Task<RunResult> RunAsync(ServerUnderTest server, BenchOptions options, string work, int round)
     {
         var arguments = new List<string>
         {
@@ -75,6 +105,12 @@ internal sealed record Workload(string Name, string Title, string Pattern, strin
             "--iodepth=" + Depth.ToString(CultureInfo.InvariantCulture), "--numjobs=" + Jobs.ToString(CultureInfo.InvariantCulture),
             "--group_reporting", "--runtime=" + Fio.Seconds(options.Duration), "--time_based", "--ramp_time=1",
         };
+        if (Jobs > 1 && !Pattern.StartsWith("rand", StringComparison.Ordinal))
+        {
+            // Job n covers [n * slice, (n + 1) * slice) and wraps around within it.
+            var slice = (options.ImageBytes / Jobs).ToString(CultureInfo.InvariantCulture);
+            arguments.AddRange(["--size=" + slice, "--offset_increment=" + slice]);
+        }
 
         var cpuBefore = Processes.CpuSeconds(server.Pid);
         FioResult fio;
@@ -88,6 +124,6 @@ internal sealed record Workload(string Name, string Title, string Pattern, strin
         // nbd-server's per-client children are reaped (and their CPU counted in the parent) shortly after fio leaves.
         await Task.Delay(300);
         var cpu = Processes.CpuSeconds(server.Pid) - cpuBefore;
-        return new RunResult(Name, server.Name, round, fio.Iops, fio.BytesPerSecond, fio.MeanMicroseconds, fio.P99Microseconds, cpu, peak, fio.Operations);
+        return new RunResult(Name, server.Name, round, fio.Iops, fio.BytesPerSecond, fio.MeanMicroseconds, fio.P99Microseconds, cpu, peak, fio.Operations) { Connections = Jobs };
     }
 }

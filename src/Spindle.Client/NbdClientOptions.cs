@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Logging;
 using Spindle.Protocol;
+using Spindle.Wire;
 
 namespace Spindle.Client;
 
@@ -104,6 +105,12 @@ public sealed class NbdClientOptions
 
     /// <summary>Where the client logs negotiation and connection events. Default: none.</summary>
     public ILoggerFactory? LoggerFactory { get; set; }
+
+    /// <summary>
+    /// Opens the transport for a URI in place of a socket: the fuzz targets run a real client connection over bytes
+    /// they script (an in-memory stream). Null, the default, connects the socket the URI names.
+    /// </summary>
+    internal Func<NbdUri, CancellationToken, Task<Transport>>? ConnectTransport { get; set; }
 
     /// <summary>True unless <see cref="DeadConnectionTimeout"/> is zero.</summary>
     internal bool Reconnects => DeadConnectionTimeout != TimeSpan.Zero;

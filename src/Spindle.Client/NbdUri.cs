@@ -347,7 +347,11 @@ public sealed record NbdUri
                 builder.Append(Escape(User, keepSlash: false, userInfo: true)).Append('@');
             }
 
-            builder.Append(Host!.Contains(':', StringComparison.Ordinal) ? $"[{Host}]" : Host);
+            // Decoded text goes back out escaped: a host may hold any character its percent-encoding spelled (a space,
+            // '@', ':', a zone id's '%'), and only an IPv6 literal goes in brackets.
+            builder.Append(IPAddress.TryParse(Host, out var address) && address.AddressFamily == AddressFamily.InterNetworkV6
+                ? $"[{Escape(Host!, keepSlash: false)}]"
+                : Escape(Host!, keepSlash: false, userInfo: true));
             if (Port != DefaultPort)
             {
                 builder.Append(':').Append(Port.ToString(CultureInfo.InvariantCulture));
@@ -360,7 +364,7 @@ public sealed record NbdUri
         {
             if (value is not null)
             {
-                builder.Append(separator).Append(key).Append('=').Append(Escape(value, keepSlash: true));
+                builder.Append(separator).Append(Escape(key, keepSlash: true)).Append('=').Append(Escape(value, keepSlash: true));
                 separator = '&';
             }
         }
@@ -509,7 +513,7 @@ public sealed record NbdUri
                 return false;
             }
 
-            if (key == "socket" && value.IndexOf('\0', 1) >= 0)
+            if (key == "socket" && value.Length > 1 && value.IndexOf('\0', 1) >= 0)
             {
                 error = "the socket path may contain NUL only as its first character (an abstract socket)";
                 return false;
@@ -553,7 +557,13 @@ public sealed record NbdUri
                 continue;
             }
 
-            // Non-ASCII characters (an IRI pasted by hand) stand for their UTF-8 bytes.
+            // Non-ASCII characters (an IRI pasted by hand) stand for their UTF-8 bytes; a lone surrogate stands for none.
+            if (char.IsSurrogate(c) && !char.IsSurrogatePair(text, i))
+            {
+                error = $"the character at position {i} is half a UTF-16 surrogate pair";
+                return false;
+            }
+
             var rune = char.IsSurrogatePair(text, i) ? new Rune(text[i], text[++i]) : new Rune(c);
             var count = rune.EncodeToUtf8(utf8);
             for (var j = 0; j < count; j++)

@@ -128,7 +128,9 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     {
         // Certificate files are read before the network is touched, so their problems are reported as such.
         var tls = uri.RequiresTls ? ClientTls.Resolve(uri, options.Tls) : null;
-        var transport = await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
+        var transport = options.ConnectTransport is { } connect
+            ? await connect(uri, cancellationToken).ConfigureAwait(false)
+            : await TransportConnector.ConnectAsync(uri, options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
         var receive = new ReceiveBuffer(transport, ReceiveBufferOptions.Client);
         var negotiator = new ClientNegotiator(transport, receive, logger);
         try
@@ -384,8 +386,6 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
     private void Start()
     {
-        _readLoop = Task.Run(ReadLoopAsync);
-        _writeLoop = Task.Run(WriteLoopAsync);
         var shortest = Math.Min(
             _options.RequestTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.RequestTimeout.Ticks,
             _options.ReplyTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.ReplyTimeout.Ticks);
@@ -394,6 +394,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             var period = TimeSpan.FromTicks(Math.Clamp(shortest / 4, TimeSpan.FromMilliseconds(10).Ticks, TimeSpan.FromSeconds(1).Ticks));
             _timeoutTimer = new Timer(static state => ((NbdConnection)state!).OnTimer(), this, period, period);
         }
+
+        // The timer first: a connection that fails at once must find it to stop it (Fail).
+        _readLoop = Task.Run(ReadLoopAsync);
+        _writeLoop = Task.Run(WriteLoopAsync);
     }
 
     private void OnTimer()
@@ -542,6 +546,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
 
         _transport.Abort();
         _sendQueue.Writer.TryComplete();
+
+        // The timer serves a live connection only. Its owner drops a failed connection without disposing it, and a
+        // running timer would keep it (buffers, requests, the timer's own ticks) alive for good: one leak per failure.
+        _timeoutTimer?.Dispose();
         drained?.TrySetResult();
         if (Failed is { } owner)
         {
