@@ -5,7 +5,8 @@ namespace Spindle.Server.Diagnostics;
 /// <summary>
 /// Requests answered, bytes moved and errors, per command: one set per connection (so concurrent connections never
 /// share a cache line on the hot path) and one per export for the connections that have ended. A request costs two
-/// uncontended interlocked adds; errors, which are rare, take a lock.
+/// uncontended interlocked adds and never allocates or locks, errors included: the errors the protocol defines
+/// (proto.md, "Error values") have a slot each; only a value outside them, which the server never sends, takes a lock.
 /// </summary>
 public sealed class CommandCounters
 {
@@ -14,8 +15,16 @@ public sealed class CommandCounters
 
     private readonly long[] _operations = new long[Slots];
     private readonly long[] _bytes = new long[Slots];
+    private readonly long[] _knownErrors = new long[Slots * KnownErrors.Length];
     private readonly Lock _errorLock = new();
-    private Dictionary<(int Slot, NbdError Error), long>? _errors;
+    private Dictionary<(int Slot, NbdError Error), long>? _otherErrors;
+
+    /// <summary>The protocol's error values, each counted in its own slot.</summary>
+    private static readonly NbdError[] KnownErrors =
+    [
+        NbdError.NotPermitted, NbdError.IO, NbdError.OutOfMemory, NbdError.InvalidArgument, NbdError.NoSpace,
+        NbdError.Overflow, NbdError.NotSupported, NbdError.Shutdown,
+    ];
 
     /// <summary>The command names used as the <c>command</c> tag, by slot (the spec's names, lower case).</summary>
     public static IReadOnlyList<string> CommandNames { get; } =
@@ -37,10 +46,35 @@ public sealed class CommandCounters
             return;
         }
 
+        AddError(slot, error, 1);
+    }
+
+    private static int KnownIndex(NbdError error) => error switch
+    {
+        NbdError.NotPermitted => 0,
+        NbdError.IO => 1,
+        NbdError.OutOfMemory => 2,
+        NbdError.InvalidArgument => 3,
+        NbdError.NoSpace => 4,
+        NbdError.Overflow => 5,
+        NbdError.NotSupported => 6,
+        NbdError.Shutdown => 7,
+        _ => -1,
+    };
+
+    private void AddError(int slot, NbdError error, long count)
+    {
+        var known = KnownIndex(error);
+        if (known >= 0)
+        {
+            Interlocked.Add(ref _knownErrors[(slot * KnownErrors.Length) + known], count);
+            return;
+        }
+
         lock (_errorLock)
         {
-            _errors ??= [];
-            _errors[(slot, error)] = _errors.GetValueOrDefault((slot, error)) + 1;
+            _otherErrors ??= [];
+            _otherErrors[(slot, error)] = _otherErrors.GetValueOrDefault((slot, error)) + count;
         }
     }
 
@@ -68,23 +102,32 @@ public sealed class CommandCounters
     /// <summary>Errors by command slot and NBD error, copied.</summary>
     public IReadOnlyList<(int Slot, NbdError Error, long Count)> Errors()
     {
+        var errors = new List<(int, NbdError, long)>();
+        for (var slot = 0; slot < Slots; slot++)
+        {
+            for (var known = 0; known < KnownErrors.Length; known++)
+            {
+                var count = Volatile.Read(ref _knownErrors[(slot * KnownErrors.Length) + known]);
+                if (count != 0)
+                {
+                    errors.Add((slot, KnownErrors[known], count));
+                }
+            }
+        }
+
         lock (_errorLock)
         {
-            return _errors is null ? [] : [.. _errors.Select(pair => (pair.Key.Slot, pair.Key.Error, pair.Value))];
+            if (_otherErrors is not null)
+            {
+                errors.AddRange(_otherErrors.Select(pair => (pair.Key.Slot, pair.Key.Error, pair.Value)));
+            }
         }
+
+        return errors;
     }
 
     /// <summary>Errors of every kind, all commands together.</summary>
-    public long TotalErrors
-    {
-        get
-        {
-            lock (_errorLock)
-            {
-                return _errors?.Values.Sum() ?? 0;
-            }
-        }
-    }
+    public long TotalErrors => Errors().Sum(error => error.Count);
 
     /// <summary>Adds another set's counts to this one (a connection's, when it ends).</summary>
     internal void Add(CommandCounters other)
@@ -97,11 +140,7 @@ public sealed class CommandCounters
 
         foreach (var (slot, error, count) in other.Errors())
         {
-            lock (_errorLock)
-            {
-                _errors ??= [];
-                _errors[(slot, error)] = _errors.GetValueOrDefault((slot, error)) + count;
-            }
+            AddError(slot, error, count);
         }
     }
 }
