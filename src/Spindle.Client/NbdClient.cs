@@ -296,9 +296,25 @@ public sealed partial class NbdClient : IAsyncDisposable
                         try
                         {
                             var info = await negotiator.InfoOrGoAsync(NbdOption.Info, name, token).ConfigureAwait(false);
+                            // NBD_OPT_LIST_META_CONTEXT with no queries: every context the export offers (nbdinfo --list
+                            // shows them too). Only meaningful once structured replies are on (proto.md, "Metadata querying").
+                            IReadOnlyList<string>? available = null;
+                            if (info is not null && structured && options.ListMetaContexts)
+                            {
+                                try
+                                {
+                                    var offered = await negotiator.MetaContextAsync(NbdOption.ListMetaContext, name, [], token).ConfigureAwait(false);
+                                    available = [.. offered.Keys.Order(StringComparer.Ordinal)];
+                                }
+                                catch (NbdOptionException exception) when (exception.Reply is not OptionReplyType.ErrorShutdown)
+                                {
+                                    // A server that will not list contexts still describes the export: shown without them.
+                                }
+                            }
+
                             var export = info is null
                                 ? null
-                                : NbdConnection.BuildExportInfo(name, info, negotiator, structured, new Dictionary<string, uint>(), null, NegotiationMethod.Go, options.MaxPayload);
+                                : NbdConnection.BuildExportInfo(name, info, negotiator, structured, new Dictionary<string, uint>(), available, NegotiationMethod.Go, options.MaxPayload);
                             result.Add(new ExportListing(name, string.IsNullOrEmpty(description) ? export?.Description : description, export,
                                 info is null ? "the server does not support NBD_OPT_INFO" : null));
                         }

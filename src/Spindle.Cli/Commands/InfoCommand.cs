@@ -95,7 +95,7 @@ internal static class InfoCommand
                     throw new FormatException("--list and --map cannot be combined");
                 }
 
-                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(deadTimeout: dead), cancellationToken).ConfigureAwait(false);
+                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(listContexts: true, deadTimeout: dead), cancellationToken).ConfigureAwait(false);
                 if (asJson)
                 {
                     WriteListJson(output, target, listings);
