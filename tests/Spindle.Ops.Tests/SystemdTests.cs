@@ -122,6 +122,44 @@ public sealed class SystemdTests
         Assert.Contains("WatchdogSec=", service, StringComparison.Ordinal);
     }
 
+    [Fact]
+    public async Task Installed_man_pages_render_and_the_bash_completion_completes_commands_verbs_and_options()
+    {
+        using var install = await Installation.CreateAsync();
+
+        // A page for spindle and one per command its --help lists, each found by man through MANPATH and rendered by
+        // groff without a warning.
+        var help = (await PeerTool.RunCheckedAsync(install.Binary, ["--help"])).StandardOutput;
+        // Under "Commands:", a command's line is indented by two spaces (a wrapped description by more).
+        var commands = help[help.IndexOf("Commands:", StringComparison.Ordinal)..].Split('\n').Skip(1)
+            .Where(line => line.StartsWith("  ", StringComparison.Ordinal) && line.Length > 2 && line[2] != ' ')
+            .Select(line => line.Trim().Split(' ', 2)[0]).ToList();
+        Assert.Contains("serve", commands);
+        Assert.Contains("ctl", commands);
+        var manual = new Dictionary<string, string> { ["MANPATH"] = install.ManPath, ["MANWIDTH"] = "100" };
+        foreach (var page in commands.Select(c => "spindle-" + c).Prepend("spindle"))
+        {
+            var located = await PeerTool.RunAsync("man", ["-w", page], environment: manual);
+            Assert.True(located.ExitCode == 0, $"{page}: {located}");
+            Assert.StartsWith(install.ManPath, located.StandardOutput.Trim(), StringComparison.Ordinal);
+            var rendered = await PeerTool.RunAsync("man", ["--warnings", "-P", "cat", page], environment: manual);
+            Assert.True(rendered.ExitCode == 0 && rendered.StandardError.Trim().Length == 0, $"{page}: {rendered}");
+            Assert.Contains("NAME", rendered.StandardOutput, StringComparison.Ordinal);
+        }
+
+        // The completion the same command installed, driven as bash drives it.
+        Assert.Equal("ctl", await CompleteAsync(install.Completion, "spindle", "ct"));
+        Assert.Equal("reload remove", await CompleteAsync(install.Completion, "spindle", "ctl", "re"));
+        Assert.Equal("--metrics", await CompleteAsync(install.Completion, "spindle", "serve", "--metr"));
+    }
+
+    private static async Task<string> CompleteAsync(string completion, params string[] words)
+    {
+        var script = $"source '{completion}'; COMP_WORDS=({string.Join(' ', words.Select(w => $"'{w}'"))}); COMP_CWORD={words.Length - 1}; "
+            + "COMP_LINE=\"${COMP_WORDS[*]}\"; COMP_POINT=${#COMP_LINE}; _spindle spindle; printf '%s\\n' \"${COMPREPLY[@]}\" | sort | paste -sd ' '";
+        return (await PeerTool.RunCheckedAsync("bash", ["-c", script])).StandardOutput.Trim();
+    }
+
     internal static async Task WaitForAsync(Func<bool> condition, string what, TimeSpan? timeout = null)
     {
         var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromSeconds(30));
