@@ -38,6 +38,7 @@ packages=(
   chromium          # headless: the status page
   systemd           # systemd-socket-activate, systemd-analyze
   jq
+  man-db            # man: the installed manual pages are rendered in a test
 )
 
 missing=()
