@@ -32,6 +32,14 @@ packages=(
   # else gcc, and links against glibc and zlib (-lz, though nothing of it stays in the binary).
   gcc libc6-dev zlib1g-dev
   afl++             # afl-fuzz: drives the SharpFuzz-instrumented parsers (scripts/fuzz.sh)
+  # Operating Spindle (tests/Spindle.Ops.Tests): a real Prometheus scrapes `spindle serve --metrics` and promtool
+  # checks the exposition; headless Chromium loads the status page; systemd's own tools (systemd-socket-activate,
+  # systemd-analyze verify) run the units; jq runs nbdinfo-style filters over `spindle info --json`.
+  prometheus        # prometheus, promtool
+  chromium          # headless: the status page
+  systemd           # systemd-socket-activate, systemd-analyze
+  jq
+  man-db            # man: the installed manual pages are rendered in a test
 )
 
 missing=()

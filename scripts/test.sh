@@ -25,6 +25,13 @@ echo "== native spindle"
 SPINDLE_BUILD=native ./spindle --version
 export SPINDLE_CLI="$PWD/artifacts/spindle/spindle"
 
+echo "== packages"
+# The NuGet packages (Spindle.Protocol, Spindle.Wire, Spindle.Storage, Spindle.Client, and Spindle.Cli as a dotnet
+# tool) from the build above, into a local feed; tests/Spindle.Ops.Tests/PackageTests.cs installs them from there.
+rm -rf artifacts/packages
+dotnet pack Spindle.slnx -c Release --no-build -nologo -v quiet -o artifacts/packages
+export SPINDLE_PACKAGES="$PWD/artifacts/packages"
+
 echo "== test"
 dotnet test Spindle.slnx -c Release --no-build -nologo --logger "console;verbosity=normal" "$@"
 

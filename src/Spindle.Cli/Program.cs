@@ -17,7 +17,12 @@ var root = new RootCommand("Spindle: a network block device server and client sp
     MountCommand.Create(),
     AttachCommand.Create(),
     DetachCommand.Create(),
+    CtlCommand.Create(),
 };
+
+// Hidden: the manual pages and bash completion, generated from this tree (scripts/install.sh).
+root.Subcommands.Add(DocsCommand.Create(root));
+root.Subcommands[^1].Hidden = true;
 
 var configuration = new InvocationConfiguration
 {

@@ -42,6 +42,7 @@ public sealed partial class NbdClient
     private Exception? _lastFailure;
     private long _reconnections;
     private long _resent;
+    private long _blockedTicks;
     private int _nextConnectionId = 1024;
 
     /// <summary>
@@ -166,6 +167,11 @@ public sealed partial class NbdClient
         Volatile.Write(ref _eligible, [.. live]);
         if (live.Count > 0)
         {
+            if (_downSince != 0)
+            {
+                Interlocked.Add(ref _blockedTicks, Stopwatch.GetTimestamp() - _downSince);
+            }
+
             _downSince = 0;
             _dead = null;
         }
@@ -266,6 +272,16 @@ public sealed partial class NbdClient
     /// <summary>The server answered ESHUTDOWN (it is going away): the request is sent again elsewhere, not failed.</summary>
     private void OnShutdownReply(NbdConnection connection, NbdOperation operation)
     {
+        // The connection is closing now: take it out of the eligible set first, or the request (which prefers its
+        // path) would be offered to it again and wait for a connection that never takes it.
+        lock (_dispatchLock)
+        {
+            if (Volatile.Read(ref _disposed) == 0)
+            {
+                RebuildEligibleLocked();
+            }
+        }
+
         Requeue([operation]);
     }
 

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -77,6 +78,22 @@ public sealed partial class NbdClient : IAsyncDisposable
 
     /// <summary>Requests sent again because the connection they were on was lost before answering them.</summary>
     public long ResentRequests => Interlocked.Read(ref _resent);
+
+    /// <summary>
+    /// How long the client has had no working connection at all since it was made (requests wait meanwhile), the
+    /// current outage included.
+    /// </summary>
+    public TimeSpan BlockedTime
+    {
+        get
+        {
+            lock (_dispatchLock)
+            {
+                var ticks = Interlocked.Read(ref _blockedTicks) + (_downSince == 0 ? 0 : Stopwatch.GetTimestamp() - _downSince);
+                return Stopwatch.GetElapsedTime(0, ticks);
+            }
+        }
+    }
 
     /// <summary>How each path is doing: its working connections and its last error.</summary>
     public IReadOnlyList<NbdPathStatus> PathStatus
@@ -220,6 +237,7 @@ public sealed partial class NbdClient : IAsyncDisposable
 
             var client = new NbdClient(nbdPaths, options, reference.Export, logger);
             client.Start();
+            ClientMetrics.Register(client);
             return client;
         }
         catch
@@ -278,9 +296,25 @@ public sealed partial class NbdClient : IAsyncDisposable
                         try
                         {
                             var info = await negotiator.InfoOrGoAsync(NbdOption.Info, name, token).ConfigureAwait(false);
+                            // NBD_OPT_LIST_META_CONTEXT with no queries: every context the export offers (nbdinfo --list
+                            // shows them too). Only meaningful once structured replies are on (proto.md, "Metadata querying").
+                            IReadOnlyList<string>? available = null;
+                            if (info is not null && structured && options.ListMetaContexts)
+                            {
+                                try
+                                {
+                                    var offered = await negotiator.MetaContextAsync(NbdOption.ListMetaContext, name, [], token).ConfigureAwait(false);
+                                    available = [.. offered.Keys.Order(StringComparer.Ordinal)];
+                                }
+                                catch (NbdOptionException exception) when (exception.Reply is not OptionReplyType.ErrorShutdown)
+                                {
+                                    // A server that will not list contexts still describes the export: shown without them.
+                                }
+                            }
+
                             var export = info is null
                                 ? null
-                                : NbdConnection.BuildExportInfo(name, info, negotiator, structured, new Dictionary<string, uint>(), null, NegotiationMethod.Go, options.MaxPayload);
+                                : NbdConnection.BuildExportInfo(name, info, negotiator, structured, new Dictionary<string, uint>(), available, NegotiationMethod.Go, options.MaxPayload);
                             result.Add(new ExportListing(name, string.IsNullOrEmpty(description) ? export?.Description : description, export,
                                 info is null ? "the server does not support NBD_OPT_INFO" : null));
                         }
@@ -482,6 +516,7 @@ public sealed partial class NbdClient : IAsyncDisposable
         }
 
         await _closing.CancelAsync().ConfigureAwait(false);
+        ClientMetrics.Unregister(this);
         List<NbdOperation> waiting;
         NbdConnection[] connections;
         lock (_dispatchLock)

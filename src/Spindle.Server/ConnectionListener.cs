@@ -38,12 +38,13 @@ internal sealed class ConnectionListener : IAsyncDisposable
     /// <summary>The endpoint actually bound (port 0 resolved).</summary>
     public EndPoint LocalEndPoint { get; }
 
-    public string Display => LocalEndPoint is UnixDomainSocketEndPoint ? "unix:" + _unixPath : LocalEndPoint.ToString()!;
+    public string Display => LocalEndPoint is UnixDomainSocketEndPoint ? "unix:" + (_unixPath ?? LocalEndPoint.ToString()) : LocalEndPoint.ToString()!;
 
     public static ConnectionListener Bind(ListenEndpoint endpoint, NbdServer server) => endpoint switch
     {
         ListenEndpoint.Tcp tcp => BindTcp(tcp, server),
         ListenEndpoint.Unix unix => BindUnix(unix, server),
+        ListenEndpoint.Inherited inherited => Adopt(inherited, server),
         _ => throw new ArgumentException($"unsupported endpoint {endpoint}", nameof(endpoint)),
     };
 
@@ -109,6 +110,27 @@ internal sealed class ConnectionListener : IAsyncDisposable
             socket.Dispose();
             throw;
         }
+    }
+
+    /// <summary>A socket passed in already bound (systemd); one not listening yet is made to.</summary>
+    private static ConnectionListener Adopt(ListenEndpoint.Inherited inherited, NbdServer server)
+    {
+        var socket = inherited.Socket;
+        if (socket.SocketType != SocketType.Stream)
+        {
+            throw new IOException($"{inherited.Name}: the inherited socket is not a stream socket (the .socket unit needs ListenStream=)");
+        }
+
+        try
+        {
+            socket.Listen(512);
+        }
+        catch (SocketException exception)
+        {
+            throw new IOException($"cannot listen on {inherited}: {exception.Message}", exception);
+        }
+
+        return new ConnectionListener(socket, server, inherited, null);
     }
 
     private static ConnectionListener BindUnix(ListenEndpoint.Unix unix, NbdServer server)

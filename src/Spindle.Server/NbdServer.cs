@@ -5,6 +5,7 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Spindle.Protocol;
 using Spindle.Server.Connections;
+using Spindle.Server.Diagnostics;
 using Spindle.Server.Exports;
 using Spindle.Server.Logging;
 using Spindle.Wire;
@@ -35,6 +36,7 @@ public sealed class NbdServer : IAsyncDisposable
         Logger = (loggerFactory ?? NullLoggerFactory.Instance).CreateLogger("Spindle.Server");
         SharedBudget = new FlowBudget(int.MaxValue, options.MaxBytesInFlightTotal);
         ValidateExports();
+        Metrics = new ServerMetrics(this);
         if (options.IdleTimeout is { } idle)
         {
             var period = TimeSpan.FromMilliseconds(Math.Clamp(idle.TotalMilliseconds / 4, 50, 1000));
@@ -54,6 +56,38 @@ public sealed class NbdServer : IAsyncDisposable
 
     /// <summary>Connections currently open, in negotiation or transmission.</summary>
     public int ConnectionCount => _connections.Count;
+
+    /// <summary>The server's instruments (meter <see cref="ServerMetrics.MeterName"/>).</summary>
+    public ServerMetrics Metrics { get; }
+
+    /// <summary>Every open connection, as a snapshot (for a status page or a control socket).</summary>
+    public IReadOnlyList<ConnectionInfo> Connections => [.. ConnectionsNow().OrderBy(c => c.Id).Select(c =>
+    {
+        var (requests, bytes) = c.InFlight;
+        return new ConnectionInfo(c.Id, c.Peer, c.TransportKind, c.Tls, c.TlsIdentity, c.InTransmission ? c.Export?.Name : null, c.ConnectedAt,
+            c.Counters, requests, bytes, c.IsDraining);
+    })];
+
+    internal IEnumerable<NbdConnection> ConnectionsNow() => _connections.Values.Select(entry => entry.Connection);
+
+    /// <summary>
+    /// Disconnects one client the polite way: what it has in flight is finished and answered, new requests get
+    /// ESHUTDOWN, then the connection closes (a client still negotiating is closed at once).
+    /// </summary>
+    /// <returns>False if there is no such connection.</returns>
+    public bool Disconnect(long connectionId)
+    {
+        if (!_connections.TryGetValue(connectionId, out var entry))
+        {
+            return false;
+        }
+
+        entry.Connection.Drain();
+        return true;
+    }
+
+    /// <summary>Counts a refused client for the metrics (reasons are listed on the <c>spindle.server.refusals</c> instrument).</summary>
+    internal void CountRefusal(string reason) => Metrics.Refused(reason);
 
     internal ILogger Logger { get; }
 
@@ -154,13 +188,16 @@ public sealed class NbdServer : IAsyncDisposable
 
     internal void Accept(Socket socket)
     {
+        var transport = socket.AddressFamily == AddressFamily.Unix ? "unix" : "tcp";
         if (_connections.Count >= Options.MaxConnections || IsStopping)
         {
+            CountRefusal(IsStopping ? "shutting_down" : "max_connections");
             ServerLog.TooManyConnections(Logger, socket.RemoteEndPoint?.ToString() ?? "unix", Options.MaxConnections);
             socket.Dispose();
             return;
         }
 
+        Metrics.Accepted(transport);
         _ = ServeAsync(new SocketTransport(socket, blocking: Options.BlockingSockets));
     }
 
@@ -241,6 +278,7 @@ public sealed class NbdServer : IAsyncDisposable
         }
 
         await StopAsync().ConfigureAwait(false);
+        Metrics.Dispose();
         _stopping.Dispose();
         _abort.Dispose();
     }

@@ -18,6 +18,15 @@ public abstract record ListenEndpoint
     }
 
     /// <summary>
+    /// A socket already bound and listening, handed over by whoever started the server (systemd's socket activation:
+    /// <c>LISTEN_FDS</c>). It is served as if bound here, and left in place when the server stops (its owner made it).
+    /// </summary>
+    public sealed record Inherited(System.Net.Sockets.Socket Socket, string Name) : ListenEndpoint
+    {
+        public override string ToString() => $"inherited socket '{Name}' ({Socket.LocalEndPoint})";
+    }
+
+    /// <summary>
     /// Every interface, IPv6 and IPv4 (a dual-stack socket on [::]), the way nbd-server and qemu-nbd listen by default.
     /// </summary>
     public static ListenEndpoint AnyAddress(int port = NbdLimits.DefaultPort) => new Tcp(IPAddress.IPv6Any, port);

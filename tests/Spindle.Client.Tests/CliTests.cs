@@ -74,15 +74,21 @@ public sealed class CliTests
         AssertExit(0, result);
         using var json = JsonDocument.Parse(result.StandardOutput);
         var root = json.RootElement;
-        Assert.True(root.GetProperty("protocol").GetProperty("structured_replies").GetBoolean());
-        Assert.Equal("go", root.GetProperty("protocol").GetProperty("method").GetString());
-        var export = root.GetProperty("export");
-        Assert.Equal("disk", export.GetProperty("name").GetString());
-        Assert.Equal(Size, export.GetProperty("size").GetInt64());
+
+        // nbdinfo's keys (libnbd info/show.c), so jq filters written for nbdinfo read it unchanged.
+        Assert.Equal("newstyle-fixed", root.GetProperty("protocol").GetString());
+        Assert.True(root.GetProperty("structured").GetBoolean());
+        Assert.False(root.GetProperty("TLS").GetBoolean());
+        var export = Assert.Single(root.GetProperty("exports").EnumerateArray());
+        Assert.Equal("disk", export.GetProperty("export-name").GetString());
+        Assert.Equal(Size, export.GetProperty("export-size").GetInt64());
         Assert.True(export.GetProperty("can_trim").GetBoolean());
-        Assert.Equal(4096, export.GetProperty("block_sizes").GetProperty("preferred").GetInt32());
-        Assert.Equal("base:allocation", export.GetProperty("meta_contexts")[0].GetString());
-        Assert.Equal("base:allocation", export.GetProperty("available_meta_contexts")[0].GetString());
+        Assert.Equal(4096, export.GetProperty("block_size_preferred").GetInt32());
+        Assert.Equal("base:allocation", export.GetProperty("contexts")[0].GetString());
+
+        // What nbdinfo does not show, under "spindle".
+        Assert.Equal("go", export.GetProperty("spindle").GetProperty("method").GetString());
+        Assert.Equal("base:allocation", export.GetProperty("spindle").GetProperty("meta_contexts")[0].GetString());
     }
 
     [Fact]
@@ -100,8 +106,8 @@ public sealed class CliTests
         AssertExit(0, json);
         using var document = JsonDocument.Parse(json.StandardOutput);
         var exports = document.RootElement.GetProperty("exports").EnumerateArray().ToList();
-        Assert.Equal(["disk", "empty", "ro", "small"], exports.Select(e => e.GetProperty("name").GetString()).Order());
-        Assert.True(exports.Single(e => e.GetProperty("name").GetString() == "ro").GetProperty("info").GetProperty("is_read_only").GetBoolean());
+        Assert.Equal(["disk", "empty", "ro", "small"], exports.Select(e => e.GetProperty("export-name").GetString()).Order());
+        Assert.True(exports.Single(e => e.GetProperty("export-name").GetString() == "ro").GetProperty("is_read_only").GetBoolean());
     }
 
     [Fact]

@@ -157,7 +157,7 @@ public sealed class NbdServerTests
 
             var info = await SpindleCli.RunAsync("info", "--json", server.Uri("disk"));
             Assert.True(info.ExitCode == 0, info.ToString());
-            Assert.Contains("\"structured_replies\": false", info.StandardOutput, StringComparison.Ordinal);
+            Assert.Contains("\"structured\": false", info.StandardOutput, StringComparison.Ordinal);
 
             var map = await SpindleCli.RunAsync("info", "--map", server.Uri("disk"));
             Assert.Equal(1, map.ExitCode);

@@ -43,7 +43,8 @@ public sealed class ConfigurationTests
         Assert.Equal("disk", configuration.DefaultExport);
         Assert.Equal(10, configuration.Server.MaxConnections);
         Assert.Equal(TimeSpan.FromSeconds(3), configuration.Server.HandshakeTimeout);
-        Assert.Contains(configuration.Warnings, w => w.Contains("'user'", StringComparison.Ordinal));
+        Assert.Equal("nbd", configuration.User);
+        Assert.DoesNotContain(configuration.Warnings, w => w.Contains("'user'", StringComparison.Ordinal));
 
         var disk = configuration.Exports[0];
         Assert.Equal(("disk", "file", "/srv/disk.img"), (disk.Options.Name, disk.Backend, disk.Location));

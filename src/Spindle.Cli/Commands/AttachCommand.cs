@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
+using Spindle.Cli.Hosting.Metrics;
 using Spindle.Client;
 using Spindle.Fuse;
 using Spindle.Fuse.Devices;
@@ -255,14 +256,18 @@ internal static partial class AttachCommand
         state.Save();
 
         BlockDevice device;
+        ClientStatus? metrics;
         try
         {
+            metrics = ClientStatus.Start(sourceOptions.Metrics, logger);
             device = await MountSource.OpenAsync(source, sourceOptions with { LoggerFactory = loggerFactory }, CancellationToken.None).ConfigureAwait(false);
         }
-        catch (ConfigurationException exception)
+        catch (Exception exception) when (exception is ConfigurationException or IOException)
         {
             return Failed(state, exception.Message, logger);
         }
+
+        await using var stopMetrics = metrics;
 
         // Hold no directory: the user may unmount wherever this was started from.
         Environment.CurrentDirectory = "/";

@@ -18,7 +18,10 @@ internal static class InfoCommand
           spindle info --list nbd://server                 every export the server lists
           spindle info --map nbd://localhost/disk          allocation: data, hole and zero runs
           spindle info --context qemu:dirty-bitmap:b URI   the map of another metadata context
-          spindle info --json nbd://localhost              for scripts
+          spindle info --json nbd://localhost              for scripts (nbdinfo's keys: jq filters carry over)
+          spindle info --size nbd://localhost/disk         the size in bytes, alone
+          spindle info --can trim nbd://localhost/disk     exit status 0 if it can, 2 if not (as nbdinfo)
+          spindle info --is read-only nbd://localhost/disk
 
           spindle info 'nbds://server/disk?tls-certificates=/etc/pki/nbd'   over TLS
 
@@ -51,9 +54,16 @@ internal static class InfoCommand
         var list = new Option<bool>("--list", "-L") { Description = "List the server's exports (NBD_OPT_LIST) with their details." };
         var map = new Option<bool>("--map") { Description = "Print the allocation map (BLOCK_STATUS): runs of data, holes and zeroes." };
         var context = new Option<string?>("--context") { Description = "With --map: the metadata context to map [default: base:allocation]; implies --map." };
-        var json = new Option<bool>("--json") { Description = "Print JSON instead of text." };
+        var json = new Option<bool>("--json") { Description = "Print JSON instead of text, with nbdinfo's keys." };
+        var size = new Option<bool>("--size") { Description = "Print only the export's size in bytes (as nbdinfo --size)." };
+        var can = new Option<string?>("--can")
+        {
+            Description = "Exit 0 if the export can FEATURE, 2 if not, 1 on error (nbdinfo's names: connect, read, write, tls, structured, flush, fua, trim, zero, fast-zero, df, cache, multi-conn, block-status, extended).",
+            HelpName = "FEATURE",
+        };
+        var isOption = new Option<string?>("--is") { Description = "Exit 0 if the export is FEATURE (read-only, rotational, tls...), 2 if not, 1 on error.", HelpName = "FEATURE" };
         var deadTimeout = ClientCommandSupport.DeadTimeoutOption();
-        var command = new Command("info", Examples) { uri, list, map, context, json, deadTimeout };
+        var command = new Command("info", Examples) { uri, list, map, context, json, size, can, isOption, deadTimeout };
         command.SetAction((parse, cancellationToken) => ClientCommandSupport.RunAsync(async () =>
         {
             var target = NbdUri.Parse(parse.GetValue(uri)!);
@@ -62,6 +72,22 @@ internal static class InfoCommand
             var output = Console.Out;
             var mapContext = parse.GetValue(context);
             var mapping = parse.GetValue(map) || mapContext is not null;
+            if ((parse.GetValue(can) ?? parse.GetValue(isOption)) is { } feature)
+            {
+                return await InfoFeatures.CanAsync(target, feature, dead, cancellationToken).ConfigureAwait(false);
+            }
+
+            if (parse.GetValue(size))
+            {
+                var sized = await NbdClient.ConnectAsync(target, ClientCommandSupport.Options(deadTimeout: dead), cancellationToken).ConfigureAwait(false);
+                await using (sized.ConfigureAwait(false))
+                {
+                    output.WriteLine(sized.Size.ToString(CultureInfo.InvariantCulture));
+                }
+
+                return 0;
+            }
+
             if (parse.GetValue(list))
             {
                 if (mapping)
@@ -69,7 +95,7 @@ internal static class InfoCommand
                     throw new FormatException("--list and --map cannot be combined");
                 }
 
-                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(deadTimeout: dead), cancellationToken).ConfigureAwait(false);
+                var listings = await NbdClient.ListExportsAsync(target, ClientCommandSupport.Options(listContexts: true, deadTimeout: dead), cancellationToken).ConfigureAwait(false);
                 if (asJson)
                 {
                     WriteListJson(output, target, listings);
@@ -107,7 +133,8 @@ internal static class InfoCommand
             {
                 if (asJson)
                 {
-                    WriteInfoJson(output, target, connected.Export);
+                    var content = await InfoFeatures.ContentAsync(connected, cancellationToken).ConfigureAwait(false);
+                    WriteInfoJson(output, target, connected.Export, content);
                 }
                 else
                 {
@@ -217,70 +244,48 @@ internal static class InfoCommand
         return $"{handshake} {(export.Tls ? "with" : "without")} TLS, {replies}, entered with {method}";
     }
 
-    private static void WriteInfoJson(TextWriter output, NbdUri uri, ExportInfo export)
-    {
+    /// <summary>
+    /// nbdinfo's JSON (libnbd info/show.c): protocol, TLS, structured, extended, and an "exports" array whose objects
+    /// carry nbdinfo's keys in nbdinfo's order, so jq filters written for nbdinfo read Spindle's output unchanged.
+    /// What nbdinfo does not show sits under each export's "spindle" object.
+    /// </summary>
+    private static void WriteInfoJson(TextWriter output, NbdUri uri, ExportInfo export, string? content) =>
         WriteJson(output, writer =>
         {
             writer.WriteStartObject();
-            writer.WriteString("uri", uri.ToString());
-            writer.WriteStartObject("protocol");
-            writer.WriteString("handshake", export.FixedNewstyle ? "newstyle-fixed" : "newstyle");
-            writer.WriteBoolean("no_zeroes", (export.HandshakeFlags & HandshakeFlags.NoZeroes) != 0);
-            writer.WriteString("method", export.Method == NegotiationMethod.Go ? "go" : "export-name");
-            writer.WriteBoolean("structured_replies", export.StructuredReplies);
-            writer.WriteBoolean("extended_headers", export.ExtendedHeaders);
-            writer.WriteBoolean("tls", export.Tls);
-            writer.WriteEndObject();
-            WriteExportJson(writer, export);
+            WriteProtocolJson(writer, export);
+            writer.WriteStartArray("exports");
+            WriteExportJson(writer, export, uri.ToString(), export.Description, content);
+            writer.WriteEndArray();
             writer.WriteEndObject();
         });
+
+    private static void WriteProtocolJson(Utf8JsonWriter writer, ExportInfo export)
+    {
+        writer.WriteString("protocol", export.FixedNewstyle ? "newstyle-fixed" : "newstyle");
+        writer.WriteBoolean("TLS", export.Tls);
+        writer.WriteBoolean("structured", export.StructuredReplies);
+        writer.WriteBoolean("extended", export.ExtendedHeaders);
     }
 
-    private static void WriteExportJson(Utf8JsonWriter writer, ExportInfo export, string property = "export")
+    private static void WriteExportJson(Utf8JsonWriter writer, ExportInfo export, string uri, string? description, string? content)
     {
-        writer.WriteStartObject(property);
-        writer.WriteString("name", export.Name);
-        if (export.CanonicalName is not null)
+        writer.WriteStartObject();
+        writer.WriteString("export-name", export.CanonicalName ?? export.Name);
+        if (!string.IsNullOrEmpty(description))
         {
-            writer.WriteString("canonical_name", export.CanonicalName);
+            writer.WriteString("description", description);
         }
 
-        if (export.Description is not null)
+        if (content is not null)
         {
-            writer.WriteString("description", export.Description);
+            writer.WriteString("content", content);
         }
 
-        writer.WriteNumber("size", export.Size);
-        writer.WriteNumber("transmission_flags", (ushort)export.RawFlags);
-        foreach (var (name, test) in FlagTable)
-        {
-            writer.WriteBoolean(name, test(export));
-        }
-
-        if (export.AdvertisedBlockSizes is { } sizes)
-        {
-            writer.WriteStartObject("block_sizes");
-            writer.WriteNumber("minimum", sizes.Minimum);
-            writer.WriteNumber("preferred", sizes.Preferred);
-            writer.WriteNumber("maximum", sizes.Maximum);
-            writer.WriteEndObject();
-        }
-        else
-        {
-            writer.WriteNull("block_sizes");
-        }
-
-        writer.WriteNumber("max_payload", export.MaximumPayload);
-        writer.WriteStartArray("meta_contexts");
-        foreach (var context in export.MetaContexts.Keys.Order(StringComparer.Ordinal))
-        {
-            writer.WriteStringValue(context);
-        }
-
-        writer.WriteEndArray();
+        writer.WriteString("uri", uri);
         if (export.AvailableMetaContexts is { } available)
         {
-            writer.WriteStartArray("available_meta_contexts");
+            writer.WriteStartArray("contexts");
             foreach (var context in available)
             {
                 writer.WriteStringValue(context);
@@ -289,6 +294,35 @@ internal static class InfoCommand
             writer.WriteEndArray();
         }
 
+        foreach (var (name, test) in FlagTable.Where(flag => flag.Name != "can_block_status"))
+        {
+            writer.WriteBoolean(name, test(export));
+        }
+
+        if (export.AdvertisedBlockSizes is { } sizes)
+        {
+            writer.WriteNumber("block_size_minimum", sizes.Minimum);
+            writer.WriteNumber("block_size_preferred", sizes.Preferred);
+            writer.WriteNumber("block_size_maximum", sizes.Maximum);
+        }
+
+        writer.WriteNumber("export-size", export.Size);
+        writer.WriteString("export-size-str", InfoFeatures.HumanSize(export.Size));
+        writer.WriteStartObject("spindle");
+        writer.WriteString("name", export.Name);
+        writer.WriteString("method", export.Method == NegotiationMethod.Go ? "go" : "export-name");
+        writer.WriteBoolean("no_zeroes", (export.HandshakeFlags & HandshakeFlags.NoZeroes) != 0);
+        writer.WriteNumber("transmission_flags", (ushort)export.RawFlags);
+        writer.WriteBoolean("can_block_status", export.CanBlockStatus);
+        writer.WriteNumber("max_payload", export.MaximumPayload);
+        writer.WriteStartArray("meta_contexts");
+        foreach (var context in export.MetaContexts.Keys.Order(StringComparer.Ordinal))
+        {
+            writer.WriteStringValue(context);
+        }
+
+        writer.WriteEndArray();
+        writer.WriteEndObject();
         writer.WriteEndObject();
     }
 
@@ -317,33 +351,26 @@ internal static class InfoCommand
         }
     }
 
+    /// <summary>nbdinfo --list --json: the same shape, one object per export that could be described.</summary>
     private static void WriteListJson(TextWriter output, NbdUri uri, IReadOnlyList<ExportListing> listings)
     {
+        foreach (var failed in listings.Where(listing => listing.Info is null))
+        {
+            Console.Error.WriteLine($"spindle: export '{failed.Name}': {failed.InfoError}");
+        }
+
         WriteJson(output, writer =>
         {
             writer.WriteStartObject();
-            writer.WriteString("server", uri.Target);
-            writer.WriteStartArray("exports");
-            foreach (var listing in listings)
+            if (listings.FirstOrDefault(listing => listing.Info is not null)?.Info is { } first)
             {
-                writer.WriteStartObject();
-                writer.WriteString("name", listing.Name);
-                writer.WriteString("uri", uri.WithExportName(listing.Name).ToString());
-                if (!string.IsNullOrEmpty(listing.Description))
-                {
-                    writer.WriteString("description", listing.Description);
-                }
+                WriteProtocolJson(writer, first);
+            }
 
-                if (listing.Info is { } info)
-                {
-                    WriteExportJson(writer, info, "info");
-                }
-                else
-                {
-                    writer.WriteString("error", listing.InfoError);
-                }
-
-                writer.WriteEndObject();
+            writer.WriteStartArray("exports");
+            foreach (var listing in listings.Where(listing => listing.Info is not null))
+            {
+                WriteExportJson(writer, listing.Info!, uri.WithExportName(listing.Name).ToString(), listing.Description ?? listing.Info!.Description, content: null);
             }
 
             writer.WriteEndArray();

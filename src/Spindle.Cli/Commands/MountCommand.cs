@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
+using Spindle.Cli.Hosting.Metrics;
 using Spindle.Fuse;
 using Spindle.Storage;
 
@@ -75,14 +76,18 @@ internal static class MountCommand
         // kill the process with its default action and leave a stale mount.
         using var signals = new MountSignals();
         BlockDevice device;
+        ClientStatus? metrics;
         try
         {
+            metrics = ClientStatus.Start(sourceOptions.Metrics, logger);
             device = await MountSource.OpenAsync(source, sourceOptions, cancellationToken).ConfigureAwait(false);
         }
-        catch (ConfigurationException exception)
+        catch (Exception exception) when (exception is ConfigurationException or IOException)
         {
             return CliErrors.Fail(exception.Message);
         }
+
+        await using var stopMetrics = metrics;
 
         await using (device.ConfigureAwait(false))
         {
@@ -185,9 +190,11 @@ internal sealed class MountCommandOptions
 
     public Option<bool> Quiet { get; } = new("--quiet", "-q") { Description = "Same as --log-level warning." };
 
+    public Option<string?> Metrics { get; } = new("--metrics") { Description = "Serve the client's Prometheus metrics at http://ADDR:PORT/metrics and a status page at / (e.g. 127.0.0.1:9101)." };
+
     public void AddTo(Command command)
     {
-        foreach (var option in new Option[] { ReadOnly, Create, FileName, AllowOther, PageCache, MaxTransfer, MaxThreads, Fusermount, Path, DeadTimeout, Connections, LogLevel, Verbose, Quiet })
+        foreach (var option in new Option[] { ReadOnly, Create, FileName, AllowOther, PageCache, MaxTransfer, MaxThreads, Fusermount, Path, DeadTimeout, Connections, LogLevel, Verbose, Quiet, Metrics })
         {
             command.Options.Add(option);
         }
@@ -232,7 +239,7 @@ internal sealed class MountCommandOptions
             yield return path;
         }
 
-        foreach (var valued in new[] { Create, FileName, MaxTransfer, DeadTimeout, LogLevel })
+        foreach (var valued in new[] { Create, FileName, MaxTransfer, DeadTimeout, LogLevel, Metrics })
         {
             if (parse.GetValue(valued) is { } value)
             {
@@ -318,6 +325,7 @@ internal sealed class MountCommandOptions
             Paths = parse.GetValue(Path) ?? [],
             DeadTimeout = deadTimeout,
             Connections = connections,
+            Metrics = parse.GetValue(Metrics),
         });
     }
 }

@@ -14,6 +14,9 @@ internal sealed record MountSourceOptions(bool ReadOnly, long? CreateSize)
     /// <summary>How long an NBD source may stay unreachable before requests fail (null: the client's default).</summary>
     public TimeSpan? DeadTimeout { get; init; }
 
+    /// <summary>ADDR:PORT of the client's metrics endpoint and status page (--metrics), or null.</summary>
+    public string? Metrics { get; init; }
+
     /// <summary>Connections per NBD path when the export advertises multi-conn.</summary>
     public int Connections { get; init; } = 1;
 

@@ -1,14 +1,11 @@
 using System.CommandLine;
 using System.Net;
-using System.Net.Sockets;
-using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using Spindle.Cli.Hosting;
 using Spindle.Protocol;
 using Spindle.Server;
 using Spindle.Server.Exports;
 using Spindle.Server.Security;
-using Spindle.Storage;
 
 namespace Spindle.Cli.Commands;
 
@@ -33,11 +30,15 @@ internal static class ServeCommand
           spindle serve --tls-certificates /etc/spindle/tls --tls require disk.img   TLS only
           spindle serve --cow base.img                writes go to a temporary overlay; base.img is never written
           spindle serve --partition 2 disk.img        serve partition 2 of an MBR or GPT disk image
+          spindle serve --config /etc/spindle/spindle.conf --metrics 127.0.0.1:9100 --control /run/spindle/control.sock
+                                                      metrics and status page, live changes with spindle ctl
 
         Clients: nbdinfo nbd://HOST, qemu-img info nbd://HOST:10809/NAME, nbd-client HOST /dev/nbd0.
         By default Spindle listens on every interface ([::] and 0.0.0.0) with no authentication: use --bind
         to restrict it, --tls-certificates DIR for TLS (scripts/make-certs.sh DIR), allow lists in a config file.
-        SIGINT or SIGTERM stops it gracefully (in-flight requests answered, data flushed).
+        SIGINT or SIGTERM stops it gracefully (in-flight requests answered, data flushed); SIGHUP re-reads --config.
+        Under systemd it takes sockets passed by a .socket unit, reports readiness and logs to the journal
+        (docs/operations.md).
         """;
 
     public static Command Create()
@@ -92,12 +93,16 @@ internal static class ServeCommand
         var logLevel = new Option<string?>("--log-level") { Description = "trace, debug, information, warning, error or none [default: information]." };
         var verbose = new Option<bool>("--verbose", "-v") { Description = "Same as --log-level debug." };
         var quiet = new Option<bool>("--quiet", "-q") { Description = "Same as --log-level warning." };
+        var pidFile = new Option<string?>("--pid-file") { Description = "Write the process id to this file once listening (removed at exit)." };
+        var metrics = new Option<string?>("--metrics") { Description = "Serve Prometheus metrics at http://ADDR:PORT/metrics and a status page at / (e.g. 127.0.0.1:9100)." };
+        var control = new Option<string?>("--control") { Description = "Answer spindle ctl on this Unix socket (root and the server's user only), e.g. /run/spindle/control.sock." };
+
         var layers = new LayerOptions();
 
         var command = new Command("serve", Examples)
         {
             image, port, bind, unix, name, description, readOnly, memory, create, format, config, rbdConf, rbdId, rbdKeyring, noList,
-            directory, sessions, uuid, label, serial, stateDir, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet,
+            directory, sessions, uuid, label, serial, stateDir, tlsCertificates, tls, tlsVerifyPeer, idleTimeout, handshakeTimeout, shutdownTimeout, maxConnections, printUri, logLevel, verbose, quiet, pidFile, metrics, control,
         };
         layers.AddTo(command);
 
@@ -213,19 +218,24 @@ internal static class ServeCommand
                 return CliErrors.Usage(exception.Message);
             }
 
+            var hostOptions = new HostOptions
+            {
+                ConfigFile = parse.GetValue(config),
+                ForceReadOnly = parse.GetValue(readOnly),
+                PrintUri = parse.GetValue(printUri),
+                PidFile = parse.GetValue(pidFile),
+                Metrics = parse.GetValue(metrics),
+                ControlSocket = parse.GetValue(control),
+            };
             using var loggerFactory = CliLogging.Create(level);
-            return await RunAsync(configuration, loggerFactory, parse.GetValue(printUri)).ConfigureAwait(false);
+            var host = new ServerHost(configuration, hostOptions, loggerFactory);
+            await using (host.ConfigureAwait(false))
+            {
+                return await host.RunAsync().ConfigureAwait(false);
+            }
         });
         return command;
     }
-
-    /// <summary>
-    /// What an export's UUID is kept with: the device itself, so a partition or an overlay of an image has a UUID
-    /// of its own (kept in the state directory by its description) and the base file is never touched; but a
-    /// memory disk under layers still gets a new one each run.
-    /// </summary>
-    private static BlockDevice IdentityOf(BlockDevice device) =>
-        device is Spindle.Storage.Layers.LayerDevice { Backend: MemoryBlockDevice memory } ? memory : device;
 
     /// <summary>The positional argument's prefix that selects a Ceph RBD image instead of a file.</summary>
     internal const string RbdPrefix = "rbd:";
@@ -381,185 +391,5 @@ internal static class ServeCommand
         }
 
         throw new ConfigurationException($"--bind '{text}' is not an IP address");
-    }
-
-    private static async Task<int> RunAsync(ServerConfiguration configuration, ILoggerFactory loggerFactory, bool printUri)
-    {
-        var logger = loggerFactory.CreateLogger("Spindle");
-        foreach (var warning in configuration.Warnings)
-        {
-            logger.LogWarning("{Warning}", warning);
-        }
-
-        await using var catalog = new ExportCatalog { DefaultExportName = configuration.DefaultExport, ListAliases = configuration.ListAliases };
-        try
-        {
-            foreach (var definition in configuration.Exports)
-            {
-                if (definition.Backend == "directory")
-                {
-                    try
-                    {
-                        catalog.Add(new DirectoryExportProvider(new DirectoryExportOptions
-                        {
-                            Root = definition.Location!,
-                            Prefix = definition.Prefix ?? definition.Options.Name,
-                            Template = definition.Options,
-                            OpenImage = ImageBackend.DirectoryOpener(ImageBackend.ParseFormat(definition.Format, definition.Source)),
-                        }));
-                    }
-                    catch (Exception exception) when (exception is DirectoryNotFoundException or ConfigurationException)
-                    {
-                        return CliErrors.Fail(exception.Message);
-                    }
-
-                    continue;
-                }
-
-                BlockDevice device;
-                try
-                {
-                    device = await LayerStack.OpenAsync(definition, CancellationToken.None).ConfigureAwait(false);
-                }
-                catch (ConfigurationException exception)
-                {
-                    return CliErrors.Fail(exception.Message);
-                }
-
-                foreach (var warning in ImageBackend.WarningsOf(device))
-                {
-                    logger.LogWarning("{Image}: {Warning}", device.Description, warning);
-                }
-
-                if (ImageBackend.Describe(device) is { } details)
-                {
-                    logger.LogInformation("Opened {Image}: {Details}", device.Description, details);
-                }
-
-                try
-                {
-                    var export = new Export(definition.Options, device);
-                    export.Uuid = ExportIdentity.Assign(definition.Options, IdentityOf(device), configuration.StateDirectory ?? ExportIdentity.DefaultStateDirectory(), out var uuidNote);
-                    logger.LogDebug("Export '{Export}' uuid {Uuid} ({Note})", export.Name, export.Uuid, uuidNote);
-                    catalog.Add(export);
-                }
-                catch (ArgumentException exception)
-                {
-                    await device.DisposeAsync().ConfigureAwait(false);
-                    return CliErrors.Fail(exception.Message);
-                }
-            }
-        }
-        catch (Exception exception) when (exception is IOException or UnauthorizedAccessException)
-        {
-            return CliErrors.Fail(exception.Message);
-        }
-
-        await using var server = new NbdServer(configuration.Server, catalog, loggerFactory);
-        try
-        {
-            server.Start();
-        }
-        catch (IOException exception)
-        {
-            return CliErrors.Fail(exception.Message);
-        }
-
-        foreach (var export in catalog.Exports)
-        {
-            logger.LogInformation("Serving export {Export}", export.ToString());
-        }
-
-        foreach (var served in catalog.Directories)
-        {
-            logger.LogInformation("Serving the images below {Root} as '{Prefix}<relative path>'{ReadOnly}", served.Options.Root, served.Options.Prefix.Length == 0 ? string.Empty : served.Options.Prefix + "/", served.Options.Template.ReadOnly ? ", read-only" : string.Empty);
-        }
-
-        // With only directories served, the URI names the server; clients add an image's relative path.
-        var names = catalog.Exports.Count > 0 ? catalog.Exports.Select(export => export.Name).ToList() : [string.Empty];
-        var uris = server.LocalEndPoints.SelectMany(endpoint => names.Select(name => UriFor(endpoint, name))).ToList();
-        foreach (var uri in uris)
-        {
-            logger.LogInformation("Clients connect to {Uri}", uri);
-        }
-
-        if (printUri && uris.Count > 0)
-        {
-            Console.Out.WriteLine(uris[0]);
-            Console.Out.Flush();
-        }
-
-        using var stop = new ShutdownSignal(logger);
-
-        // SIGUSR1 cuts every client connection (the server keeps listening): clients that reconnect carry on.
-        using var cut = PosixSignalRegistration.Create((PosixSignal)10, context =>
-        {
-            context.Cancel = true;
-            logger.LogWarning("SIGUSR1: cut {Count} client connections", server.DisconnectAll());
-        });
-        await stop.WaitAsync().ConfigureAwait(false);
-        logger.LogInformation("Stopping: finishing in-flight requests and flushing");
-        await server.StopAsync().ConfigureAwait(false);
-        logger.LogInformation("Stopped");
-        return 0;
-    }
-
-    private static string UriFor(EndPoint endpoint, string exportName)
-    {
-        var path = Uri.EscapeDataString(exportName);
-        return endpoint switch
-        {
-            UnixDomainSocketEndPoint unix => $"nbd+unix:///{path}?socket={unix}",
-            IPEndPoint ip when ip.Address.Equals(IPAddress.IPv6Any) || ip.Address.Equals(IPAddress.Any) => $"nbd://localhost:{ip.Port}/{path}",
-            IPEndPoint { AddressFamily: AddressFamily.InterNetworkV6 } ip => $"nbd://[{ip.Address}]:{ip.Port}/{path}",
-            IPEndPoint ip => $"nbd://{ip.Address}:{ip.Port}/{path}",
-            _ => endpoint.ToString() ?? string.Empty,
-        };
-    }
-
-    /// <summary>SIGINT and SIGTERM begin a graceful stop; a second one exits at once.</summary>
-    private sealed class ShutdownSignal : IDisposable
-    {
-        private readonly TaskCompletionSource _signalled = new(TaskCreationOptions.RunContinuationsAsynchronously);
-        private readonly PosixSignalRegistration _interrupt;
-        private readonly PosixSignalRegistration _terminate;
-        private readonly ILogger _logger;
-        private long _first;
-
-        public ShutdownSignal(ILogger logger)
-        {
-            _logger = logger;
-            _interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Handle);
-            _terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Handle);
-        }
-
-        public Task WaitAsync() => _signalled.Task;
-
-        public void Dispose()
-        {
-            _interrupt.Dispose();
-            _terminate.Dispose();
-        }
-
-        private void Handle(PosixSignalContext context)
-        {
-            context.Cancel = true;
-            var now = Environment.TickCount64;
-            if (_signalled.TrySetResult())
-            {
-                _first = now;
-                return;
-            }
-
-            // timeout(1) and some supervisors signal both the process and its group: a duplicate within a second is
-            // the same request, not a user insisting.
-            if (now - _first < 1000)
-            {
-                return;
-            }
-
-            _logger.LogWarning("Second {Signal}: exiting without waiting", context.Signal);
-            Environment.Exit(130);
-        }
     }
 }

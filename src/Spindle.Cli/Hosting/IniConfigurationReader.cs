@@ -12,14 +12,15 @@ namespace Spindle.Cli.Hosting;
 /// whose name is the export name; <c>key = value</c> lines; <c>#</c> comments; booleans <c>true</c>/<c>false</c>.
 /// Spindle adds a few keys (backend, size, description, block sizes). Keys nbd-server has but Spindle does not
 /// implement are refused when ignoring them could change what happens to data (multifile, temporary...), and
-/// reported as warnings when they are only operational (user, group, max_threads...).
+/// reported as warnings when they are only operational (max_threads, splice...). <c>user</c> and <c>group</c> are
+/// honoured: the server drops to them once it listens, or refuses to start.
 /// </summary>
 public static class IniConfigurationReader
 {
     /// <summary>nbd-server keys with no effect here: accepted so existing files load, reported as warnings.</summary>
     private static readonly HashSet<string> IgnoredGenericKeys = new(StringComparer.OrdinalIgnoreCase)
     {
-        "user", "group", "max_threads", "splice", "oldstyle", "tlsprio",
+        "max_threads", "splice", "oldstyle", "tlsprio",
     };
 
     /// <summary>The exportname prefix that selects a Ceph RBD image.</summary>
@@ -243,6 +244,20 @@ public static class IniConfigurationReader
             case "state_dir":
                 configuration.StateDirectory = ResolvePath(value, directory);
                 break;
+            case "user":
+                configuration.User = value;
+                configuration.UserSource = where;
+                break;
+            case "group":
+                configuration.Group = value;
+                configuration.UserSource ??= where;
+                break;
+            case "control_socket":
+                configuration.ControlSocket = ResolvePath(value, directory);
+                break;
+            case "metrics":
+                configuration.MetricsAddress = value;
+                break;
             case "list_aliases":
                 configuration.ListAliases = ParseBool(value, where, key);
                 break;
@@ -281,9 +296,32 @@ public static class IniConfigurationReader
         }
     }
 
+    /// <summary>
+    /// One export from <c>key = value</c> pairs, as if read from a section named <paramref name="name"/> (what
+    /// <c>spindle ctl add</c> and <c>change</c> send). The same keys, checks and messages as the file.
+    /// </summary>
+    public static ExportDefinition ParseExport(string name, IEnumerable<KeyValuePair<string, string>> settings, string source)
+    {
+        var lines = new List<string> { $"[{name}]" };
+        foreach (var (key, value) in settings)
+        {
+            if (key.Contains('=', StringComparison.Ordinal) || key.Contains('\n', StringComparison.Ordinal) || value.Contains('\n', StringComparison.Ordinal))
+            {
+                throw new ConfigurationException($"{source}: '{key}' is not a configuration key");
+            }
+
+            lines.Add($"{key} = {value}");
+        }
+
+        var configuration = new ServerConfiguration();
+        ParseInto(configuration, lines, source, Directory.GetCurrentDirectory(), allowGeneric: false);
+        return configuration.Exports.Single();
+    }
+
     private static void ApplyExport(ServerConfiguration configuration, ExportDefinition export, string key, string value, string where)
     {
         var options = export.Options;
+        export.Keys.Add(new KeyValuePair<string, string>(key.ToLowerInvariant(), value));
         switch (key.ToLowerInvariant())
         {
             case "exportname":

@@ -66,6 +66,10 @@ public sealed class LayerSettings
     /// <summary>Log every request to this file. Default: null, no log.</summary>
     public string? LogRequests { get; set; }
 
+    /// <summary>Every setting in one string: a reload that changes any of them reopens the export's device.</summary>
+    public string Fingerprint => string.Join('|', Cow, CowDirectory, Partition, Offset, Length, Rate, RateBurst, DelayRead, DelayWrite,
+        ErrorRate?.ToString(System.Globalization.CultureInfo.InvariantCulture), ErrorCode, ErrorCommands, ErrorSeed, LogRequests);
+
     /// <summary>True when the export has no layer at all.</summary>
     public bool IsEmpty => Cow == CowMode.None && Partition is null && Offset is null && Length is null &&
         Rate is null && DelayRead is null && DelayWrite is null && ErrorRate is null && LogRequests is null;

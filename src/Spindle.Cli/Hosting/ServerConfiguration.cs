@@ -41,6 +41,21 @@ public sealed class ExportDefinition
 
     /// <summary>The layers stacked on the backend (overlay, partition or range); none by default.</summary>
     public LayerSettings Layers { get; } = new();
+
+    /// <summary>The section's <c>key = value</c> lines as written (keys lower-cased), in order: what a reload compares.</summary>
+    public List<KeyValuePair<string, string>> Keys { get; } = [];
+
+    /// <summary>
+    /// What the device depends on: a reload that changes only other keys keeps the device open (and the clients'
+    /// data where it is, for a memory disk) and gives new connections the new options.
+    /// </summary>
+    public string DeviceFingerprint =>
+        string.Join("\n", new[] { Backend, Location ?? string.Empty, Size?.ToString(CultureInfo.InvariantCulture) ?? string.Empty, Options.ReadOnly ? "ro" : "rw", Prefix ?? string.Empty, Format ?? string.Empty, Snapshot ?? string.Empty, Layers.Fingerprint }
+            .Concat(Settings.OrderBy(pair => pair.Key, StringComparer.OrdinalIgnoreCase).Select(pair => pair.Key + "=" + pair.Value)));
+
+    /// <summary>Everything about the export: two definitions with the same fingerprint serve the same thing the same way.</summary>
+    public string Fingerprint =>
+        DeviceFingerprint + "\n--\n" + string.Join("\n", Keys.Select(pair => pair.Key + "=" + pair.Value).Order(StringComparer.Ordinal));
 }
 
 /// <summary>Where the server's certificates are and how TLS is used, before they are loaded.</summary>
@@ -150,6 +165,21 @@ public sealed class ServerConfiguration
 
     /// <summary>[generic] list_aliases: whether LIST shows by-uuid/, by-label/ and by-serial/ names too.</summary>
     public bool ListAliases { get; set; }
+
+    /// <summary>[generic] user: the user to run as once the sockets are bound and the exports opened (nbd-server's key).</summary>
+    public string? User { get; set; }
+
+    /// <summary>[generic] group: the group to run as (default: the user's primary group).</summary>
+    public string? Group { get; set; }
+
+    /// <summary>Where <see cref="User"/> and <see cref="Group"/> were set, for error messages.</summary>
+    public string? UserSource { get; set; }
+
+    /// <summary>[generic] control_socket: the Unix socket of <c>spindle ctl</c> (default: none).</summary>
+    public string? ControlSocket { get; set; }
+
+    /// <summary>[generic] metrics: ADDR:PORT of the Prometheus endpoint and status page (default: none).</summary>
+    public string? MetricsAddress { get; set; }
 
     /// <summary>[generic] port; default 10809.</summary>
     public int? Port { get; set; }

@@ -31,6 +31,9 @@ internal sealed class FlowBudget : IDisposable
 
     public int Requests => Volatile.Read(ref _requests);
 
+    /// <summary>Payload bytes held now.</summary>
+    public long Bytes => Volatile.Read(ref _bytes);
+
     /// <summary>Takes room for one request of <paramref name="bytes"/> payload bytes if there is some now.</summary>
     public bool TryAcquire(long bytes)
     {

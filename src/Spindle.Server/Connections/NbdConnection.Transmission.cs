@@ -1,4 +1,6 @@
+using System.Diagnostics;
 using Spindle.Protocol;
+using Spindle.Server.Diagnostics;
 using Spindle.Server.Logging;
 using Spindle.Server.Negotiation;
 using Spindle.Storage;
@@ -35,6 +37,10 @@ internal sealed partial class NbdConnection
     private CancellationTokenSource? _stopReading;
     private long _lastActivity;
     private int _idleClosed;
+    private volatile bool _draining;
+
+    /// <summary>True once <see cref="Drain"/> was called.</summary>
+    internal bool IsDraining => _draining;
 
     /// <summary>The device this connection works on: the export's, or one of its own (BlockDevice.OpenConnectionAsync).</summary>
     private BlockDevice? _device;
@@ -61,6 +67,7 @@ internal sealed partial class NbdConnection
         _stopReading = reading;
         using var wake = reading.Token.UnsafeRegister(static state => ((Transport)state!).CancelReceive(), _transport);
         using var onStop = _server.StoppingToken.UnsafeRegister(static state => _ = ((NbdConnection)state!).StopReadingWhenIdleAsync(), this);
+        using var onDrain = export.DrainToken.UnsafeRegister(static state => ((NbdConnection)state!).Drain(), this);
         string reason;
         try
         {
@@ -82,6 +89,10 @@ internal sealed partial class NbdConnection
         else if (Volatile.Read(ref _idleClosed) != 0)
         {
             reason = "idle timeout";
+        }
+        else if (_draining && !_abort.IsCancellationRequested)
+        {
+            reason = "drained";
         }
 
         // Everything already dispatched finishes and is answered (or dropped if the peer is gone) before closing.
@@ -157,7 +168,7 @@ internal sealed partial class NbdConnection
             var payloadLeft = request.WirePayloadLength;
             var effectLength = request.HasPayload && request.Command != NbdCommand.Write ? 0 : request.LongLength;
             IReadOnlyList<SelectedContext> contexts = _negotiator.Contexts;
-            var error = _server.IsStopping ? NbdError.Shutdown : CheckPayload(request, out reason);
+            var error = _server.IsStopping || _draining ? NbdError.Shutdown : CheckPayload(request, out reason);
             if (error == NbdError.None && request.HasPayload && request.Command == NbdCommand.BlockStatus)
             {
                 writer.Release();
@@ -188,6 +199,7 @@ internal sealed partial class NbdConnection
                 var refused = RentRequest(request, effectLength, contexts);
                 refused.Fail(error, error == NbdError.Shutdown ? "the server is shutting down" : reason, fromBackend: false);
                 refused.BuildError(_negotiator.StructuredReplies);
+                Account(refused);
                 writer.Enqueue(refused);
                 continue;
             }
@@ -240,6 +252,45 @@ internal sealed partial class NbdConnection
                     ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
                 }
             }
+        }
+    }
+
+    /// <summary>
+    /// Drains the connection (its export was removed, or an operator disconnects the client): what is in flight
+    /// finishes and is answered, every new request gets ESHUTDOWN (proto.md: the server "is in the process of being
+    /// shut down"; a client then disconnects, and Spindle's reconnects), then the server stops reading and closes.
+    /// </summary>
+    internal void Drain()
+    {
+        if (_draining)
+        {
+            return;
+        }
+
+        _draining = true;
+        if (InTransmission && _budget is not null)
+        {
+            _ = StopReadingWhenIdleAsync();
+        }
+        else
+        {
+            // Still negotiating: nothing is in flight, so there is nothing to finish.
+            Abort();
+        }
+    }
+
+    /// <summary>
+    /// Counts an answered request for the metrics: its command, what it moved, its error, and (only when something
+    /// listens to the histogram) how long it took from being parsed to its reply being queued.
+    /// </summary>
+    private void Account(TransmissionRequest work)
+    {
+        var header = work.Header;
+        var slot = CommandCounters.SlotOf(header.Command);
+        Counters.Record(slot, (long)work.EffectLength, work.Error);
+        if (work.Started != 0)
+        {
+            _server.Metrics.RecordDuration(_export!.Name, slot, Stopwatch.GetElapsedTime(work.Started).TotalSeconds);
         }
     }
 
@@ -557,6 +608,7 @@ internal sealed partial class NbdConnection
             }
         }
 
+        Account(work);
         _writer!.Enqueue(work);
     }
 
@@ -582,6 +634,7 @@ internal sealed partial class NbdConnection
         work.Header = request;
         work.EffectLength = effectLength;
         work.Contexts = contexts;
+        work.Started = _server.Metrics.TimesRequests ? Stopwatch.GetTimestamp() : 0;
         return work;
     }
 

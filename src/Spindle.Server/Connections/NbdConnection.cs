@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
+using Spindle.Server.Diagnostics;
 using Spindle.Server.Exports;
 using Spindle.Server.Logging;
 using Spindle.Server.Negotiation;
@@ -31,8 +32,26 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         _input = new ReceiveBuffer(transport, ReceiveBufferOptions.Server);
         Id = id;
         Peer = transport.RemoteDescription;
+        TransportKind = transport.RemoteIPEndPoint is not null ? "tcp" : Peer == "unix" ? "unix" : "other";
+        ConnectedAt = DateTimeOffset.UtcNow;
         _negotiator = new ServerNegotiator(server, transport, _input, id, Peer);
     }
+
+    /// <summary>"tcp", "unix" or "other" (an in-memory or test transport): the <c>transport</c> tag of the metrics.</summary>
+    public string TransportKind { get; }
+
+    public DateTimeOffset ConnectedAt { get; }
+
+    /// <summary>Requests answered on this connection, by command (added to the export's when it ends).</summary>
+    public CommandCounters Counters { get; } = new();
+
+    /// <summary>Whether STARTTLS succeeded, and the client certificate's identity if it sent one.</summary>
+    public bool Tls => _negotiator.TlsActive;
+
+    public string? TlsIdentity => _negotiator.Identity?.ToString();
+
+    /// <summary>Requests and payload bytes in flight now (zero outside transmission).</summary>
+    public (int Requests, long Bytes) InFlight => _budget is { } budget ? (budget.Requests, budget.Bytes) : (0, 0);
 
     public long Id { get; }
 
@@ -56,12 +75,17 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             if (outcome == NegotiationOutcome.Transmission)
             {
                 _export = _negotiator.Export;
+                _export!.Attach(Counters);
                 InTransmission = true;
                 reason = await RunTransmissionAsync().ConfigureAwait(false);
             }
             else
             {
                 reason = outcome.ToString();
+                if (outcome == NegotiationOutcome.Refused && !_negotiator.RefusalCounted)
+                {
+                    _server.CountRefusal("protocol_error");
+                }
             }
         }
         catch (Exception exception) when (IsDisconnect(exception))
@@ -100,6 +124,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     {
         if (_export is not null && InTransmission)
         {
+            _export.Detach(Counters);
             _export.OnDisconnected();
             InTransmission = false;
         }

@@ -27,6 +27,9 @@ internal sealed class TransmissionRequest : IThreadPoolWorkItem
 
     public NbdRequest Header { get; set; }
 
+    /// <summary>When the request was parsed (Stopwatch ticks), or 0 when no one listens to the latency histogram.</summary>
+    public long Started { get; set; }
+
     /// <summary>
     /// The length the command acts on: the header's length, except for a BLOCK_STATUS whose payload (extended headers)
     /// carries it. For READ and WRITE it is also the payload's size.

@@ -59,13 +59,24 @@ public sealed class ExportOptions
     public string? Serial { get; set; }
 }
 
-/// <summary>An export: a name, a backend and the transmission flags that follow from what the backend can do.</summary>
-public sealed class Export : IAsyncDisposable
+/// <summary>
+/// An export: a name, a backend and the transmission flags that follow from what the backend can do. An export taken
+/// out of its catalog (removed or replaced) is retired: it accepts no new connection, and its device is released once
+/// the connections it still has are gone.
+/// </summary>
+public sealed partial class Export : IAsyncDisposable
 {
     private readonly TransmissionFlags _flags;
+    private readonly DeviceLease _lease;
     private int _connections;
+    private int _disposed;
 
     public Export(ExportOptions options, BlockDevice device)
+        : this(options, device, new DeviceLease(device))
+    {
+    }
+
+    private Export(ExportOptions options, BlockDevice device, DeviceLease lease)
     {
         ArgumentNullException.ThrowIfNull(options);
         ArgumentNullException.ThrowIfNull(device);
@@ -84,6 +95,26 @@ public sealed class Export : IAsyncDisposable
         }
 
         _flags = ComputeFlags(options, device.Features);
+        _lease = lease;
+    }
+
+    /// <summary>
+    /// A new export over the same device with other options (a configuration change that leaves the backend alone):
+    /// connections made from now on get the new export; the device is released when neither export uses it.
+    /// </summary>
+    public Export WithOptions(ExportOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        _lease.Acquire();
+        try
+        {
+            return new Export(options, Device, _lease) { Uuid = options.Uuid ?? Uuid };
+        }
+        catch
+        {
+            _ = _lease.ReleaseAsync();
+            throw;
+        }
     }
 
     public string Name => Options.Name;
@@ -122,7 +153,7 @@ public sealed class Export : IAsyncDisposable
     public bool IsReadOnly => (_flags & TransmissionFlags.ReadOnly) != 0;
 
     /// <summary>Connections currently in transmission on this export.</summary>
-    public int ConnectionCount => Volatile.Read(ref _connections);
+    public int ConnectionCount => Math.Max(0, Volatile.Read(ref _connections));
 
     /// <summary>
     /// The transmission flags for a connection. SEND_DF is only set once structured replies (or extended headers)
@@ -134,13 +165,18 @@ public sealed class Export : IAsyncDisposable
         (structuredReplies || extendedHeaders ? _flags | TransmissionFlags.SendDf : _flags) |
         (extendedHeaders ? TransmissionFlags.BlockStatusPayload : TransmissionFlags.None);
 
-    /// <summary>Counts a connection in, unless the export's connection limit is reached.</summary>
+    /// <summary>Counts a connection in, unless the export's connection limit is reached or it has been retired.</summary>
     internal bool TryConnect()
     {
         var limit = Options.MaxConnections;
         while (true)
         {
             var current = Volatile.Read(ref _connections);
+            if (IsRetired || current < 0)
+            {
+                return false;
+            }
+
             if (limit > 0 && current >= limit)
             {
                 return false;
@@ -153,9 +189,16 @@ public sealed class Export : IAsyncDisposable
         }
     }
 
-    internal void OnDisconnected() => Interlocked.Decrement(ref _connections);
+    internal void OnDisconnected()
+    {
+        if (Interlocked.Decrement(ref _connections) == 0 && IsRetired)
+        {
+            _ = ReleaseAfterDrainAsync();
+        }
+    }
 
-    public ValueTask DisposeAsync() => Device.DisposeAsync();
+    /// <summary>Releases this export's hold on the device (disposed once no export uses it).</summary>
+    public ValueTask DisposeAsync() => Interlocked.Exchange(ref _disposed, 1) == 0 ? _lease.ReleaseAsync() : ValueTask.CompletedTask;
 
     public override string ToString() =>
         $"'{Name}' ({Device.Description}, {Size} bytes{(IsReadOnly ? ", read-only" : "")}, uuid {Uuid:D}{(Options.Label is null ? "" : ", label " + Options.Label)}{(Options.Serial is null ? "" : ", serial " + Options.Serial)})";

@@ -68,6 +68,64 @@ public sealed class ExportCatalog : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Takes an export out of the catalog while the server runs: new clients no longer find it; the connections it
+    /// has finish what they have in flight, then get ESHUTDOWN (a client that reconnects goes elsewhere); its device is
+    /// flushed and released when the last of them is gone (<see cref="Export.Released"/>).
+    /// </summary>
+    /// <returns>The export removed, or null if there is none by that name.</returns>
+    public Export? Remove(string name)
+    {
+        Export? export;
+        lock (_lock)
+        {
+            if (!_exports.Remove(name, out export))
+            {
+                return null;
+            }
+
+            _ordered.Remove(export);
+        }
+
+        export.Retire(drain: true);
+        return export;
+    }
+
+    /// <summary>
+    /// Puts a changed version of an export in place of the one with the same name: clients that connect from now on
+    /// get <paramref name="replacement"/>; those already connected keep the old version until they disconnect (its
+    /// device is then released, unless it is shared through <see cref="Export.WithOptions"/>).
+    /// </summary>
+    /// <returns>The export replaced.</returns>
+    public Export Replace(Export replacement)
+    {
+        ArgumentNullException.ThrowIfNull(replacement);
+        Export old;
+        lock (_lock)
+        {
+            if (!_exports.TryGetValue(replacement.Name, out old!))
+            {
+                throw new ArgumentException($"there is no export named '{replacement.Name}' to replace", nameof(replacement));
+            }
+
+            foreach (var other in _ordered)
+            {
+                if (other != old && (other.Uuid == replacement.Uuid || (replacement.Options.Label is { } label && other.Options.Label == label) ||
+                    (replacement.Options.Serial is { } serial && other.Options.Serial == serial)))
+                {
+                    throw new ArgumentException($"exports '{other.Name}' and '{replacement.Name}' share a UUID, label or serial; stable names must be unique", nameof(replacement));
+                }
+            }
+
+            replacement.ContinueStatisticsOf(old);
+            _exports[replacement.Name] = replacement;
+            _ordered[_ordered.IndexOf(old)] = replacement;
+        }
+
+        old.Retire(drain: false);
+        return old;
+    }
+
     /// <summary>Looks up an export by the name a client sent.</summary>
     public bool TryGet(string name, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Export? export)
     {

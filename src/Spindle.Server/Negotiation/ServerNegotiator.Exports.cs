@@ -35,6 +35,7 @@ internal sealed partial class ServerNegotiator
         if (TlsMode == TlsMode.Require && !_tlsActive)
         {
             ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", OptionReplyType.ErrorTlsRequired, "TLS is required; closing, as EXPORT_NAME cannot report errors");
+            CountRefusal("tls_required");
             return NegotiationOutcome.Refused;
         }
 
@@ -50,7 +51,8 @@ internal sealed partial class ServerNegotiator
         if (export is null || !export.TryConnect())
         {
             ReleaseIfDynamic(export);
-            reason = export is null ? reason : $"export '{export.Name}' already has its {export.Options.MaxConnections} connections";
+            reason = export is null ? reason : BusyReason(export);
+            CountRefusal(export is null ? RefusalReason(refusal) : "export_busy");
             ServerLog.OptionRefused(_logger, Id, Peer, "NBD_OPT_EXPORT_NAME", export is null ? refusal : OptionReplyType.ErrorPolicy, reason + "; closing, as EXPORT_NAME cannot report errors");
             return NegotiationOutcome.Refused;
         }
@@ -118,6 +120,11 @@ internal sealed partial class ServerNegotiator
         var (export, refusal, reason) = Resolve(request!.ExportName);
         if (export is null)
         {
+            if (option == NbdOption.Go)
+            {
+                CountRefusal(RefusalReason(refusal));
+            }
+
             WriteError(option, refusal, reason);
             return null;
         }
@@ -125,7 +132,8 @@ internal sealed partial class ServerNegotiator
         if (option == NbdOption.Go && !export.TryConnect())
         {
             ReleaseIfDynamic(export);
-            WriteError(option, OptionReplyType.ErrorPolicy, $"export '{export.Name}' already has its {export.Options.MaxConnections} connections");
+            CountRefusal("export_busy");
+            WriteError(option, OptionReplyType.ErrorPolicy, BusyReason(export));
             return null;
         }
 
@@ -179,6 +187,11 @@ internal sealed partial class ServerNegotiator
     }
 
     /// <summary>The TLS mode of this connection: NOTLS unless the server has TLS and the client speaks fixed newstyle.</summary>
+    /// <summary>Why an export that exists takes no more connections.</summary>
+    private static string BusyReason(Export export) => export.IsRetired
+        ? $"export '{export.Name}' has just been removed or changed; ask again"
+        : $"export '{export.Name}' already has its {export.Options.MaxConnections} connections";
+
     private TlsMode TlsMode => _server.Options.Tls is { } tls && _fixedNewstyle ? tls.Mode : TlsMode.Off;
 
     /// <summary>

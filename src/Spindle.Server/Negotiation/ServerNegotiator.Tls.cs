@@ -19,6 +19,26 @@ internal sealed partial class ServerNegotiator
     /// <summary>The client's TLS identity, once it presented a certificate that was accepted.</summary>
     public ClientIdentity? Identity => _identity;
 
+    /// <summary>True once a refusal of this client was counted (so the connection does not count it again).</summary>
+    public bool RefusalCounted { get; private set; }
+
+    /// <summary>Counts a refused client once, by reason (the <c>spindle.server.refusals</c> instrument).</summary>
+    private void CountRefusal(string reason)
+    {
+        RefusalCounted = true;
+        _server.CountRefusal(reason);
+    }
+
+    private static string RefusalReason(OptionReplyType refusal) => refusal switch
+    {
+        OptionReplyType.ErrorTlsRequired => "tls_required",
+        OptionReplyType.ErrorPolicy => "access_denied",
+        _ => "unknown_export",
+    };
+
+    /// <summary>True once STARTTLS succeeded: everything after it is encrypted.</summary>
+    public bool TlsActive => _tlsActive;
+
     /// <summary>
     /// NBD_OPT_STARTTLS: acknowledge in plain text, then run the TLS handshake and swap the transport. Everything
     /// negotiated before is forgotten (structured replies, metadata contexts), so nothing injected in plain text
@@ -68,6 +88,7 @@ internal sealed partial class ServerNegotiator
         {
             // (A handshake cut by the negotiation deadline or a stop is reported as such by the caller instead.)
             ServerLog.TlsFailed(_logger, Id, Peer, exception.Message);
+            CountRefusal("tls_failed");
             return NegotiationOutcome.Refused;
         }
 

@@ -98,6 +98,7 @@ internal sealed partial class ServerNegotiator : IDisposable
         catch (Exception exception) when (timeout.IsCancellationRequested && NbdConnection.IsDisconnect(exception))
         {
             ServerLog.HandshakeTimedOut(_logger, Id, Peer, _options.HandshakeTimeout.TotalSeconds);
+            CountRefusal("handshake_timeout");
             return NegotiationOutcome.TimedOut;
         }
         catch (Exception exception) when (_server.StoppingToken.IsCancellationRequested && NbdConnection.IsDisconnect(exception))
