@@ -38,7 +38,7 @@ key_packages=(nbd-client e2fsprogs coreutils util-linux busybox-static libc6)
 # Kernel modules loaded in the guest (with whatever they depend on); crc32c is a soft dependency of ext4.
 guest_modules=(virtio_pci virtio_net nbd ext4 crc32c_generic)
 
-for tool in busybox cpio gzip xz dpkg-deb apt-get apt-cache flock; do
+for tool in busybox cpio gzip xz dpkg-deb apt-get apt-cache flock gcc; do
   command -v "$tool" >/dev/null || die "$tool is missing: run scripts/install-deps.sh"
 done
 busybox=$(command -v busybox)
@@ -75,7 +75,7 @@ fi
 
 key_text="$kernel_id
 $(dpkg-query -W -f='${Package} ${Version}\n' "${key_packages[@]}" 2>/dev/null)
-$(cat "$here/build.sh" "$here/init" | sha256sum)"
+$(cat "$here/build.sh" "$here/init" "$here/memfill.c" | sha256sum)"
 key=$(printf '%s' "$key_text" | sha256sum | cut -c1-16)
 out=$cache/$key
 if [ -f "$out/ready" ]; then
@@ -145,6 +145,8 @@ for program in "${guest_programs[@]}"; do
   done
 done
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+# memfill: fills more memory than the guest has with known data and checks it (the swap test); static, no libraries.
+gcc -O2 -static -o "$root/usr/bin/memfill" "$here/memfill.c" || die "cannot compile memfill.c (gcc and libc6-dev: scripts/install-deps.sh)"
 ln -s /proc/mounts "$root/etc/mtab"
 echo "root:x:0:0:root:/:/bin/sh" >"$root/etc/passwd"
 echo "root:x:0:" >"$root/etc/group"

@@ -2,28 +2,31 @@
 # Boots the kernel-client VM (scripts/kernel-vm/build.sh builds it on first use) with a scenario and prints its
 # serial console; the VM powers itself off when the scenario ends and is killed at the time limit otherwise.
 #
-# Usage: scripts/kernel-vm/run.sh [--timeout SECONDS] [--cpus N] [--memory SIZE] SCENARIO_DIR
+# Usage: scripts/kernel-vm/run.sh [--timeout SECONDS] [--cpus N] [--memory SIZE] [--initrd-extra FILE]... SCENARIO_DIR
 #   SCENARIO_DIR holds scenario.sh (sourced by the guest's /init, see scripts/kernel-vm/init for its helpers)
 #   and any files it needs; the guest sees the directory as /scenario.
 #   The guest reaches the host's 127.0.0.1 as 10.0.2.2 (QEMU user-mode networking), so the server under test
 #   listens on loopback only. Exit status: 0 when the VM powered off by itself, 124 when it was killed at the limit.
+#   --initrd-extra adds a compressed cpio archive (e.g. from pack.sh: the spindle executable, fio) to the initramfs.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 limit=120
 cpus=1
 memory=512M
+extras=()
 while [ $# -gt 0 ]; do
   case $1 in
     --timeout) limit=$2; shift 2 ;;
     --cpus) cpus=$2; shift 2 ;;
     --memory) memory=$2; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --initrd-extra) [ -f "$2" ] || { echo "run.sh: $2 does not exist" >&2; exit 2; }; extras+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-[ $# -eq 1 ] || { echo "usage: run.sh [--timeout SECONDS] [--cpus N] [--memory SIZE] SCENARIO_DIR" >&2; exit 2; }
+[ $# -eq 1 ] || { echo "usage: run.sh [--timeout SECONDS] [--cpus N] [--memory SIZE] [--initrd-extra FILE]... SCENARIO_DIR" >&2; exit 2; }
 scenario=$1
 [ -f "$scenario/scenario.sh" ] || { echo "run.sh: $scenario/scenario.sh does not exist" >&2; exit 2; }
 
@@ -45,7 +48,7 @@ trap 'exit 143' TERM INT HUP
 mkdir -p "$work/pack/scenario"
 cp -R "$scenario/." "$work/pack/scenario/"
 (cd "$work/pack" && find scenario | cpio -o -H newc -R 0:0 --quiet) | gzip -1 >"$work/scenario.gz"
-cat "$vm/initramfs.gz" "$work/scenario.gz" >"$work/initrd"
+cat "$vm/initramfs.gz" ${extras[@]+"${extras[@]}"} "$work/scenario.gz" >"$work/initrd"
 
 # start_vm ACCEL LIMIT INITRD CPUS: boots QEMU in the background (its console on stdout), sets qemu_pid.
 # setpriv --pdeathsig: if this script dies without its trap running (SIGKILL), timeout and then QEMU die with it.

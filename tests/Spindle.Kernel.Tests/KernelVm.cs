@@ -20,6 +20,10 @@ public sealed class KernelVm : IAsyncLifetime
 
     private static readonly TimeSpan BuildLimit = TimeSpan.FromMinutes(15);
 
+    private readonly TempDirectory _packs = new();
+    private readonly SemaphoreSlim _packLock = new(1, 1);
+    private readonly Dictionary<string, string> _packed = new(StringComparer.Ordinal);
+
     public KernelVm()
     {
         ScriptDirectory = Path.Combine(FindRepositoryRoot(), "scripts", "kernel-vm");
@@ -44,31 +48,84 @@ public sealed class KernelVm : IAsyncLifetime
         KernelPackage = (await File.ReadAllTextAsync(Path.Combine(BuildDirectory, "kernel-package"))).Trim();
     }
 
-    public ValueTask DisposeAsync() => ValueTask.CompletedTask;
+    public ValueTask DisposeAsync()
+    {
+        _packs.Dispose();
+        return ValueTask.CompletedTask;
+    }
+
+    /// <summary>
+    /// An initramfs segment holding Spindle's own executable (the one the tests run, Native AOT in CI) as
+    /// /usr/local/bin/spindle, with the libraries ldd lists and the OpenSSL libraries .NET loads at run time for TLS.
+    /// Packed once per test run.
+    /// </summary>
+    public Task<string> SpindleInitrdAsync()
+    {
+        // The guest has no .NET runtime: an apphost (spindle beside spindle.dll) cannot run there.
+        Assert.False(File.Exists(SpindleExecutable.Path + ".dll"),
+            $"{SpindleExecutable.Path} needs the .NET runtime, which the guest lacks: publish the native executable (./spindle --version) and set {SpindleExecutable.Variable}=artifacts/spindle/spindle, as scripts/test.sh does");
+        return PackOnceAsync("spindle.gz", ["--lib", "libssl.so.3", "--lib", "libcrypto.so.3", $"{SpindleExecutable.Path}=/usr/local/bin/spindle"]);
+    }
+
+    /// <summary>
+    /// An initramfs segment holding this machine's fio with its libraries (about 80 MB unpacked: Debian links its
+    /// rbd and gluster engines in), kept out of the base image the other tests boot. Packed once per test run.
+    /// </summary>
+    public Task<string> FioInitrdAsync() => PackOnceAsync("fio.gz", [PeerTool.Require("fio")]);
+
+    private async Task<string> PackOnceAsync(string name, IReadOnlyList<string> arguments)
+    {
+        await _packLock.WaitAsync();
+        try
+        {
+            if (!_packed.TryGetValue(name, out var output))
+            {
+                output = Path.Combine(_packs.Path, name);
+                var pack = await PeerTool.RunAsync(Path.Combine(ScriptDirectory, "pack.sh"), [output, .. arguments], TimeSpan.FromMinutes(2));
+                Assert.True(pack.ExitCode == 0, $"pack.sh could not pack {string.Join(' ', arguments)}: {pack}");
+                _packed[name] = output;
+            }
+
+            return output;
+        }
+        finally
+        {
+            _packLock.Release();
+        }
+    }
 
     /// <summary>
     /// Boots the VM with <paramref name="script"/> as /scenario/scenario.sh (and <paramref name="files"/> beside it),
     /// waits for it to power off and returns what it reported. The console goes to the test output.
     /// </summary>
-    public async Task<VmReport> RunAsync(string script, IReadOnlyDictionary<string, byte[]>? files = null, int cpus = 1)
+    public async Task<VmReport> RunAsync(string script, IReadOnlyDictionary<string, byte[]>? files = null, int cpus = 1, string memory = "512M",
+        IReadOnlyList<string>? extraInitrds = null, TimeSpan? limit = null)
     {
+        var bootLimit = limit ?? BootLimit;
         using var directory = new TempDirectory();
         var scenario = Path.Combine(directory.Path, "scenario");
         Directory.CreateDirectory(scenario);
         await File.WriteAllTextAsync(Path.Combine(scenario, "scenario.sh"), script.ReplaceLineEndings("\n"));
         foreach (var (name, bytes) in files ?? new Dictionary<string, byte[]>())
         {
-            await File.WriteAllBytesAsync(Path.Combine(scenario, name), bytes);
+            var target = Path.Combine(scenario, name);
+            Directory.CreateDirectory(Path.GetDirectoryName(target)!);
+            await File.WriteAllBytesAsync(target, bytes);
         }
 
         var watch = Stopwatch.StartNew();
-        var result = await PeerTool.RunAsync(
-            Path.Combine(ScriptDirectory, "run.sh"),
-            ["--timeout", ((int)BootLimit.TotalSeconds).ToString(System.Globalization.CultureInfo.InvariantCulture), "--cpus", cpus.ToString(System.Globalization.CultureInfo.InvariantCulture), scenario],
-            BootLimit + TimeSpan.FromMinutes(2));
+        List<string> arguments = ["--timeout", ((int)bootLimit.TotalSeconds).ToString(System.Globalization.CultureInfo.InvariantCulture),
+            "--cpus", cpus.ToString(System.Globalization.CultureInfo.InvariantCulture), "--memory", memory];
+        foreach (var extra in extraInitrds ?? [])
+        {
+            arguments.AddRange(["--initrd-extra", extra]);
+        }
+
+        arguments.Add(scenario);
+        var result = await PeerTool.RunAsync(Path.Combine(ScriptDirectory, "run.sh"), arguments, bootLimit + TimeSpan.FromMinutes(2));
         var report = new VmReport(result.ExitCode, result.StandardOutput, result.StandardError, watch.Elapsed);
         var output = TestContext.Current.TestOutputHelper;
-        output?.WriteLine($"VM ({KernelPackage}, {cpus} CPU): exit {result.ExitCode} after {watch.Elapsed.TotalSeconds:F1} s, guest booted in {report.BootSeconds?.ToString("F1", System.Globalization.CultureInfo.InvariantCulture) ?? "?"} s");
+        output?.WriteLine($"VM ({KernelPackage}, {cpus} CPU, {memory}): exit {result.ExitCode} after {watch.Elapsed.TotalSeconds:F1} s, guest booted in {report.BootSeconds?.ToString("F1", System.Globalization.CultureInfo.InvariantCulture) ?? "?"} s");
         output?.WriteLine(report.ToString());
         return report;
     }

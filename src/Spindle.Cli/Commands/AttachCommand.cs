@@ -13,7 +13,7 @@ namespace Spindle.Cli.Commands;
 /// <c>spindle attach SOURCE</c>: mounts SOURCE in a background server (RUN/mnt/NAME/disk), binds a loop device to
 /// the file, prints /dev/loopN. The same command, with the hidden --serve-daemon, is that background server.
 /// </summary>
-internal static class AttachCommand
+internal static partial class AttachCommand
 {
     private const string DaemonFlag = "--serve-daemon";
 
@@ -40,13 +40,15 @@ internal static class AttachCommand
 
     public static Command Create()
     {
-        var source = new Argument<string>("source") { Description = "A file, a block device, memory:SIZE, or an NBD URI." };
+        var source = new Argument<string?>("source") { Description = "A file, a block device, memory:SIZE, or an NBD URI.", Arity = ArgumentArity.ZeroOrOne };
         var name = new Option<string?>("--name", "-n") { Description = "Name of the attachment [default: from SOURCE, e.g. disk for disk.img]." };
         var timeout = new Option<double?>("--timeout") { Description = "Seconds to wait for the device to be ready [default: 60]." };
         var daemon = new Option<bool>(DaemonFlag) { Hidden = true };
         var options = new MountCommandOptions();
+        var kernel = new AttachKernelOptions();
         var command = new Command("attach", Examples) { source, name, timeout, daemon };
         options.AddTo(command);
+        kernel.AddTo(command);
 
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -66,7 +68,18 @@ internal static class AttachCommand
                 return CliErrors.Usage(exception.Message);
             }
 
-            var sourceText = parse.GetValue(source)!;
+            var adopt = parse.GetValue(kernel.Adopt);
+            var wait = TimeSpan.FromSeconds(parse.GetValue(timeout) ?? 60);
+            if (adopt is not null && !parse.GetValue(daemon))
+            {
+                return await AdoptAsync(adopt, parse.GetValue(source), parse.GetValue(name), wait, cancellationToken).ConfigureAwait(false);
+            }
+
+            if (parse.GetValue(source) is not { } sourceText)
+            {
+                return CliErrors.Usage("SOURCE is missing (only --adopt may leave it out)");
+            }
+
             var attachmentName = parse.GetValue(name) ?? MountSource.SuggestName(sourceText);
             if (!AttachPaths.IsValidName(attachmentName))
             {
@@ -75,20 +88,32 @@ internal static class AttachCommand
 
             if (parse.GetValue(daemon))
             {
+                if (parse.GetValue(kernel.Device) == AttachKernelOptions.Nbd)
+                {
+                    var arguments = parse.Tokens.Select(token => token.Value).ToList();
+                    return await AttachKernelDaemon.RunDaemonAsync(attachmentName, sourceText, sourceOptions, kernel, parse, adopt, level, arguments).ConfigureAwait(false);
+                }
+
                 return await RunServerAsync(attachmentName, sourceText, sourceOptions, mountOptions, level).ConfigureAwait(false);
             }
 
-            var wait = TimeSpan.FromSeconds(parse.GetValue(timeout) ?? 60);
-            var arguments = new List<string> { "attach", AbsoluteSource(sourceText), "--name", attachmentName };
-            arguments.AddRange(options.ToArguments(parse));
-            arguments.Add(DaemonFlag);
-            return await StartAsync(attachmentName, arguments, wait, cancellationToken).ConfigureAwait(false);
+            var kind = kernel.ChooseKind(parse, out var kindError);
+            if (kind is null)
+            {
+                return CliErrors.Usage(kindError!);
+            }
+
+            var serverArguments = new List<string> { "attach", AbsoluteSource(sourceText), "--name", attachmentName };
+            serverArguments.AddRange(options.ToArguments(parse));
+            serverArguments.AddRange(kernel.ToArguments(parse, kind));
+            serverArguments.Add(DaemonFlag);
+            return await StartAsync(attachmentName, serverArguments, wait, adopting: false, cancellationToken).ConfigureAwait(false);
         });
         return command;
     }
 
     /// <summary>The attaching command: reserves the name, starts the server, waits until its device is ready.</summary>
-    private static async Task<int> StartAsync(string name, IReadOnlyList<string> serverArguments, TimeSpan wait, CancellationToken cancellationToken)
+    private static async Task<int> StartAsync(string name, IReadOnlyList<string> serverArguments, TimeSpan wait, bool adopting, CancellationToken cancellationToken)
     {
         if (!DaemonProcess.IsRoot)
         {
@@ -104,12 +129,12 @@ internal static class AttachCommand
             return CliErrors.Fail($"cannot create {AttachPaths.MountRoot}: {exception.Message}");
         }
 
-        for (var attempt = 0; !AttachState.TryReserve(name, Environment.ProcessId); attempt++)
+        for (var attempt = 0; !adopting && !AttachState.TryReserve(name, Environment.ProcessId); attempt++)
         {
             var existing = AttachState.Load(name);
             if (existing is not null && existing.IsOwnerAlive())
             {
-                return CliErrors.Fail($"'{name}' is already attached{(existing.LoopDevice is { } loop ? $" as {loop}" : string.Empty)}: spindle detach {name} first, or choose another --name");
+                return CliErrors.Fail($"'{name}' is already attached{(existing.Device is { } device ? $" as {device}" : string.Empty)}: spindle detach {name} first, or choose another --name");
             }
 
             if (attempt > 0)
@@ -124,7 +149,7 @@ internal static class AttachCommand
             }
             catch (Exception exception) when (exception is LoopDeviceException or FuseMountException or IOException)
             {
-                return CliErrors.Fail($"a stale attachment named '{name}' could not be removed: {exception.Message}");
+                return CliErrors.Fail($"a stale attachment named '{name}' could not be removed: {exception.Message}{(existing?.NbdDevice is { } nbd ? $" (spindle attach --adopt {nbd} watches it again)" : string.Empty)}");
             }
         }
 
@@ -145,7 +170,7 @@ internal static class AttachCommand
             while (true)
             {
                 var state = AttachState.Load(name);
-                if (state is { Phase: AttachState.Ready, LoopDevice: { } device } && state.Pid == server.Id)
+                if (state is { Phase: AttachState.Ready, Device: { } device } && state.Pid == server.Id)
                 {
                     Console.Out.WriteLine(device);
                     return 0;
@@ -154,7 +179,11 @@ internal static class AttachCommand
                 if (state is { Phase: AttachState.Failed })
                 {
                     server.WaitForExit(TimeSpan.FromSeconds(10));
-                    File.Delete(AttachPaths.State(name));
+                    if (!adopting)
+                    {
+                        File.Delete(AttachPaths.State(name));
+                    }
+
                     return CliErrors.Fail(state.Error ?? "the mount server failed");
                 }
 
@@ -163,7 +192,11 @@ internal static class AttachCommand
                     var reason = server.HasExited
                         ? $"the mount server exited ({server.ExitCode}) before the device was ready"
                         : $"the device was not ready within {wait.TotalSeconds} s";
-                    await DetachCommand.DetachAttachmentAsync(name, AttachState.Load(name), TimeSpan.FromSeconds(30), TextWriter.Null, CancellationToken.None).ConfigureAwait(false);
+                    if (!adopting)
+                    {
+                        await DetachCommand.DetachAttachmentAsync(name, AttachState.Load(name), TimeSpan.FromSeconds(30), TextWriter.Null, CancellationToken.None).ConfigureAwait(false);
+                    }
+
                     return CliErrors.Fail($"{reason}; its log: {AttachPaths.Log(name)}\n{Tail(AttachPaths.Log(name))}");
                 }
 

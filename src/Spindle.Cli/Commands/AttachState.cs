@@ -30,6 +30,25 @@ internal sealed record AttachState
 
     public string? LoopDevice { get; init; }
 
+    /// <summary>"fuse" (a FUSE file on a loop device) or "nbd" (the kernel's NBD device); null in states of older versions: fuse.</summary>
+    public string? Kind { get; init; }
+
+    /// <summary>/dev/nbdN of an nbd attachment.</summary>
+    public string? NbdDevice { get; init; }
+
+    /// <summary>An nbd attachment's data path: "direct" or "relay".</summary>
+    public string? Mode { get; init; }
+
+    /// <summary>Sockets the kernel holds for an nbd attachment (what an adoption must account for).</summary>
+    public int Connections { get; init; }
+
+    /// <summary>The background process's arguments, so <c>attach --adopt</c> can start it again alike.</summary>
+    public IReadOnlyList<string>? Arguments { get; init; }
+
+    /// <summary>The block device users see: /dev/nbdN or /dev/loopN.</summary>
+    [System.Text.Json.Serialization.JsonIgnore]
+    public string? Device => NbdDevice ?? LoopDevice;
+
     public bool ReadOnly { get; init; }
 
     public string? Error { get; init; }

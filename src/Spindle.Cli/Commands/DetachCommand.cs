@@ -57,7 +57,7 @@ internal static class DetachCommand
         string? name = null;
         if (target.StartsWith("/dev/", StringComparison.Ordinal))
         {
-            name = AttachState.LoadAll().FirstOrDefault(state => state.LoopDevice == target)?.Name;
+            name = AttachState.LoadAll().FirstOrDefault(state => state.LoopDevice == target || state.NbdDevice == target)?.Name;
             if (name is null && LoopDevice.Query(target) is { } bound)
             {
                 name = AttachPaths.NameOfMountPath(bound.BackingFile);
@@ -98,7 +98,7 @@ internal static class DetachCommand
         }
 
         await DetachAttachmentAsync(name, state, wait, Console.Error, cancellationToken).ConfigureAwait(false);
-        Console.Error.WriteLine($"spindle: detached {name}{(state?.LoopDevice is { } loop ? $" ({loop})" : string.Empty)}");
+        Console.Error.WriteLine($"spindle: detached {name}{(state?.Device is { } device ? $" ({device})" : string.Empty)}");
         return 0;
     }
 
@@ -111,6 +111,12 @@ internal static class DetachCommand
     /// <exception cref="FuseMountException">The file is open by a process.</exception>
     public static async Task DetachAttachmentAsync(string name, AttachState? state, TimeSpan wait, TextWriter log, CancellationToken cancellationToken)
     {
+        if (state?.NbdDevice is not null)
+        {
+            await DetachKernelAsync(name, state, log, cancellationToken).ConfigureAwait(false);
+            return;
+        }
+
         var mountPoint = state?.MountPoint ?? AttachPaths.MountPoint(name);
         var prefix = mountPoint.TrimEnd('/') + "/";
 
@@ -173,6 +179,42 @@ internal static class DetachCommand
             Directory.Delete(mountPoint);
         }
 
+        File.Delete(AttachPaths.State(name));
+        File.Delete(AttachPaths.Log(name));
+    }
+
+    /// <summary>
+    /// Detaches an nbd attachment: refused while the device is held (mounted, swap); else the background process
+    /// disconnects it and exits on SIGTERM, and a device whose process is gone is disconnected here.
+    /// </summary>
+    private static async Task DetachKernelAsync(string name, AttachState state, TextWriter log, CancellationToken cancellationToken)
+    {
+        var device = state.NbdDevice!;
+        var index = Devices.Nbd.NbdDriver.ParseDevice(device);
+        using var driver = Devices.Nbd.NbdDriver.TryOpen(out _);
+        var connected = index is { } number && driver is not null && driver.IsConnected(number);
+        if (connected && Devices.Native.DeviceUse.IsHeldExclusively(device))
+        {
+            throw new IOException($"{device} is in use (a mounted file system, swap: see findmnt {device}, swapon); unmount it first");
+        }
+
+        if (state.Pid != Environment.ProcessId && state.IsOwnerAlive())
+        {
+            DaemonProcess.Signal(state.Pid, DaemonProcess.SigTerm);
+            if (!await WaitForExitAsync(state.Pid, ServerExitTimeout, cancellationToken).ConfigureAwait(false))
+            {
+                log.WriteLine($"spindle: the attach process {state.Pid} did not exit; stopping it");
+                DaemonProcess.Signal(state.Pid, DaemonProcess.SigKill);
+                await WaitForExitAsync(state.Pid, TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
+            }
+        }
+
+        if (index is { } left && driver is not null && driver.IsConnected(left))
+        {
+            driver.Disconnect(left);
+        }
+
+        AttachLinks.RemoveAllTo(device);
         File.Delete(AttachPaths.State(name));
         File.Delete(AttachPaths.Log(name));
     }

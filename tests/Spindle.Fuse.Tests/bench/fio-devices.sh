@@ -75,7 +75,7 @@ run fuse:file "$work/m-file/disk"
 kill "${pids[-1]}"; sleep 1
 
 name="bench-$$"; attached+=("$name")
-loop=$("$spindle" attach -q --name "$name" "$image")
+loop=$("$spindle" attach -q --device fuse --name "$name" "$image")
 run loop:file "$loop"
 "$spindle" detach "$name" 2>/dev/null
 
@@ -84,7 +84,7 @@ run fuse:memory "$work/m-memory/disk"
 kill "${pids[-1]}"; sleep 1
 
 name="bench-mem-$$"; attached+=("$name")
-loop=$("$spindle" attach -q --name "$name" "memory:$size")
+loop=$("$spindle" attach -q --device fuse --name "$name" "memory:$size")
 run loop:memory "$loop"
 "$spindle" detach "$name" 2>/dev/null
 
