@@ -154,7 +154,17 @@ public sealed partial class Qcow2Image
             throw new Qcow2FormatException($"{_file.Path}: the rebuilt refcount table would exceed {MaximumReftableBytes} bytes");
         }
 
+        // Every count is checked before the first block is written: an overflow found halfway would otherwise leave
+        // the file grown by the blocks already written (the new area's own clusters count 1, which always fits).
         var maximum = _header.RefcountOrder >= 6 ? ulong.MaxValue : (1UL << (1 << _header.RefcountOrder)) - 1;
+        for (var cluster = 0L; cluster < counts.Length; cluster++)
+        {
+            if (counts[cluster] > maximum)
+            {
+                throw new Qcow2FormatException($"{_file.Path}: cluster {cluster} has {counts[cluster]} references, more than {1 << _header.RefcountOrder}-bit refcounts hold; run 'qemu-img check -r all'");
+            }
+        }
+
         var areaEnd = start + blocks + tableClusters;
         var table = new ulong[tableClusters * pointersPerCluster];
         var block = new byte[_clusterSize];
@@ -165,11 +175,6 @@ public sealed partial class Qcow2Image
             {
                 var cluster = (b * perBlock) + i;
                 ulong value = cluster < counts.Length ? counts[cluster] : cluster >= start && cluster < areaEnd ? 1u : 0u;
-                if (value > maximum)
-                {
-                    throw new Qcow2FormatException($"{_file.Path}: cluster {cluster} has {value} references, more than {1 << _header.RefcountOrder}-bit refcounts hold");
-                }
-
                 if (value != 0)
                 {
                     WriteRefcount(block, (int)i, value);

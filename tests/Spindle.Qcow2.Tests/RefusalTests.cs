@@ -186,6 +186,52 @@ public sealed class RefusalTests
         await Assert.ThrowsAsync<BlockDeviceException>(async () => await device.WriteAsync(0, new byte[512], fua: false, CancellationToken.None));
     }
 
+    [Fact]
+    public async Task A_refcount_overflow_found_by_the_dirty_rebuild_refuses_the_writable_open_without_touching_the_file()
+    {
+        // 1-bit refcounts (qcow2.txt header refcount_order 0) and 512-byte clusters: one refcount block covers 4096
+        // clusters (2 MiB of file), so 3 MiB of data puts the shared cluster beyond the first block the rebuild writes.
+        using var directory = new TempDirectory();
+        const int cluster = 512;
+        var image = await Qemu.Create(directory, "overflow.qcow2", "compat=1.1,lazy_refcounts=on,refcount_bits=1,cluster_size=512", 4L << 20);
+        await Qemu.Io(image, "qcow2", "write -P 1 0 1M", "write -P 2 1M 2M");
+
+        // The L2 entry of guest cluster 0 now names the host cluster of the last guest cluster written too, both
+        // without the "refcount is exactly one" flag (bit 63), so the rebuild counts 2 references for it.
+        var bytes = await File.ReadAllBytesAsync(image);
+        var l1 = (long)BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan(40));
+        const long entriesPerL2 = cluster / 8;
+        long L2Entry(long guest)
+        {
+            var l2 = (long)(BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan((int)(l1 + (guest / cluster / entriesPerL2 * 8)))) & 0x00FF_FFFF_FFFF_FE00);
+            Assert.NotEqual(0, l2);
+            return l2 + (guest / cluster % entriesPerL2 * 8);
+        }
+
+        var last = L2Entry((3L << 20) - cluster);
+        var shared = BinaryPrimitives.ReadUInt64BigEndian(bytes.AsSpan((int)last)) & 0x00FF_FFFF_FFFF_FE00;
+        Assert.True(shared >= 4096 * cluster, $"the shared cluster 0x{shared:x} lies within the first refcount block");
+        BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan((int)last), shared);
+        BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan((int)L2Entry(0)), shared);
+        await File.WriteAllBytesAsync(image, bytes);
+        SetIncompatibleBits(image, 1UL << 0);
+        var before = await File.ReadAllBytesAsync(image);
+
+        var error = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(image));
+        Assert.Contains($"cluster {shared / cluster} has 2 references, more than 1-bit refcounts hold", error.Message, StringComparison.Ordinal);
+        Assert.Equal(before, await File.ReadAllBytesAsync(image));
+
+        // Read-only, the image still reads as its tables say: guest cluster 0 now shows the shared cluster's data.
+        await using var device = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
+        var buffer = new byte[cluster * 2];
+        await device.ReadAsync(0, buffer, CancellationToken.None);
+        Assert.All(buffer.AsSpan(0, cluster).ToArray(), b => Assert.Equal(2, b));
+        Assert.All(buffer.AsSpan(cluster).ToArray(), b => Assert.Equal(1, b));
+        await device.ReadAsync((3L << 20) - cluster, buffer.AsMemory(0, cluster), CancellationToken.None);
+        Assert.All(buffer.AsSpan(0, cluster).ToArray(), b => Assert.Equal(2, b));
+        Assert.Equal(before, await File.ReadAllBytesAsync(image));
+    }
+
     /// <summary>Sets a 16-bit refcount (the default refcount_order 4) in the image's first refcount block.</summary>
     private static void SetRefcount(byte[] image, long cluster, ushort value)
     {
