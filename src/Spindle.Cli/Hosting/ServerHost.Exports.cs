@@ -1,6 +1,6 @@
-using Spindle.Storage;
 using Spindle.Server;
 using Spindle.Server.Exports;
+using Spindle.Storage;
 
 namespace Spindle.Cli.Hosting;
 
