@@ -77,13 +77,23 @@ internal sealed partial class ServerHost : IAsyncDisposable
         {
             drop = PrivilegeDrop.Resolve(_configuration.User, _configuration.Group, _configuration.UserSource ?? "configuration");
             inherited = SocketActivation.TakeFromEnvironment();
-            await OpenExportsAsync(_configuration).ConfigureAwait(false);
         }
         catch (ConfigurationException exception)
         {
             return CliErrors.Usage(exception.Message);
         }
-        catch (Exception exception) when (exception is IOException or UnauthorizedAccessException or ArgumentException or DirectoryNotFoundException)
+        catch (Exception exception) when (exception is IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            return CliErrors.Fail(exception.Message);
+        }
+
+        try
+        {
+            // An export that cannot be opened (a missing or corrupt image, an unreachable RBD pool) is a failure, not
+            // a usage error, whatever exception type reports it.
+            await OpenExportsAsync(_configuration).ConfigureAwait(false);
+        }
+        catch (Exception exception) when (exception is ConfigurationException or IOException or UnauthorizedAccessException or ArgumentException or DirectoryNotFoundException)
         {
             return CliErrors.Fail(exception.Message);
         }
