@@ -24,11 +24,20 @@ internal sealed partial class NbdConnection
     /// <summary>
     /// Requests larger than this always go to the pool. Up to here they run on the connection's thread when they can
     /// (page-cache reads, buffered writes): a pool hop per 256 KiB or 1 MiB request costs more than the copy it would
-    /// overlap on two cores. Raising this from 128 KiB to 1 MiB cut the server's CPU per nbdcopy of 1 GiB over four
-    /// connections from 0.77-0.88 s to 0.60 s and its peak RSS from 218-252 MiB to 110-118 MiB, and 1 MiB writes at
-    /// QD8 from 504-673 to 281 us of CPU each (docs/performance-notes.md).
+    /// overlap. Raising this from 128 KiB to 1 MiB cut the server's CPU per nbdcopy of 1 GiB over four connections
+    /// from 0.77-0.88 s to 0.60 s and its peak RSS from 218-252 MiB to 110-118 MiB, and 1 MiB writes at QD8 from
+    /// 504-673 to 281 us of CPU each (docs/performance-notes.md). A large READ is the exception while fewer
+    /// connections than cores are busy: see <see cref="MaxImmediateReadBytesFewConnections"/>.
     /// </summary>
     private const int MaxImmediateBytes = 1024 * 1024;
+
+    /// <summary>
+    /// READs larger than this go to the pool while the server has fewer connections than cores: one client streaming
+    /// 1 MiB reads at QD8 then has its copies out of the page cache overlap with the sends on another core (2934 MiB/s
+    /// against 2360 with every read inline, same run). With as many connections as cores, the connections' own
+    /// threads already keep the cores busy and the hop only costs.
+    /// </summary>
+    private const int MaxImmediateReadBytesFewConnections = 128 * 1024;
 
     private readonly Stack<TransmissionRequest> _freeRequests = new();
     private readonly Lock _freeLock = new();
@@ -228,7 +237,7 @@ internal sealed partial class NbdConnection
                 }
             }
 
-            if (payloadBytes <= MaxImmediateBytes && TryExecuteImmediately(work, device))
+            if (MayRunImmediately(request.Command, payloadBytes) && TryExecuteImmediately(work, device))
             {
                 // Let the replies of a long burst go out in groups, so the client can work on them (and send more)
                 // while this thread carries on, instead of waiting for the whole burst.
@@ -357,6 +366,11 @@ internal sealed partial class NbdConnection
     /// Runs a request on the reader's own thread when the backend can do it without waiting for a device (cached
     /// reads, buffered writes, anything on a memory disk). Everything else may block and goes to the pool.
     /// </summary>
+    /// <summary>Whether a request of this size may run on the connection's thread (see <see cref="MaxImmediateBytes"/>).</summary>
+    private bool MayRunImmediately(NbdCommand command, int payloadBytes) =>
+        payloadBytes <= MaxImmediateReadBytesFewConnections
+        || (payloadBytes <= MaxImmediateBytes && (command != NbdCommand.Read || _server.ConnectionCount >= Environment.ProcessorCount));
+
     private bool TryExecuteImmediately(TransmissionRequest work, BlockDevice device)
     {
         var request = work.Header;
