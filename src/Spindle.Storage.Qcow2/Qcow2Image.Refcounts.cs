@@ -325,20 +325,7 @@ public sealed partial class Qcow2Image
         }
 
         var tableOffset = (start + blockCount) << _clusterBits;
-        var bytes = new byte[tableClusters * _clusterSize];
-        for (var i = 0; i < table.Length; i++)
-        {
-            BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), table[i]);
-        }
-
-        _file.Write(bytes, tableOffset);
-        _file.Sync();
-
-        Span<byte> field = stackalloc byte[12];
-        BinaryPrimitives.WriteUInt64BigEndian(field, (ulong)tableOffset);
-        BinaryPrimitives.WriteUInt32BigEndian(field[8..], (uint)tableClusters);
-        _file.Write(field, Qcow2Header.OffsetRefcountTableOffset);
-        _file.Sync();
+        WriteRefcountTableAndSwitchHeader(table, tableOffset, tableClusters);
 
         var oldOffset = _reftableOffset;
         var oldClusters = _reftableClusters;
@@ -354,6 +341,28 @@ public sealed partial class Qcow2Image
         // The old table stays counted until the new header is durable (it is) and the next flush has passed.
         QueueFree(oldOffset, (long)oldClusters * _clusterSize);
         _freeHint = areaStart + areaLength;
+    }
+
+    /// <summary>
+    /// Writes a new refcount table at <paramref name="tableOffset"/> and makes it durable, then points the header
+    /// at it and makes that durable: the header never names a table that is not yet on disk (growth and rebuild).
+    /// </summary>
+    private void WriteRefcountTableAndSwitchHeader(ulong[] table, long tableOffset, long tableClusters)
+    {
+        var bytes = new byte[tableClusters * _clusterSize];
+        for (var i = 0; i < table.Length; i++)
+        {
+            BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), table[i]);
+        }
+
+        _file.Write(bytes, tableOffset);
+        _file.Sync();
+
+        Span<byte> field = stackalloc byte[12];
+        BinaryPrimitives.WriteUInt64BigEndian(field, (ulong)tableOffset);
+        BinaryPrimitives.WriteUInt32BigEndian(field[8..], (uint)tableClusters);
+        _file.Write(field, Qcow2Header.OffsetRefcountTableOffset);
+        _file.Sync();
     }
 
     private void QueueFree(long offset, long length) => _pendingFrees.Add((offset, length));

@@ -186,20 +186,7 @@ public sealed partial class Qcow2Image
         }
 
         var tableOffset = (start + blocks) << _clusterBits;
-        var bytes = new byte[tableClusters * _clusterSize];
-        for (var i = 0; i < table.Length; i++)
-        {
-            BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), table[i]);
-        }
-
-        _file.Write(bytes, tableOffset);
-        _file.Sync();
-
-        Span<byte> field = stackalloc byte[12];
-        BinaryPrimitives.WriteUInt64BigEndian(field, (ulong)tableOffset);
-        BinaryPrimitives.WriteUInt32BigEndian(field[8..], (uint)tableClusters);
-        _file.Write(field, Qcow2Header.OffsetRefcountTableOffset);
-        _file.Sync();
+        WriteRefcountTableAndSwitchHeader(table, tableOffset, tableClusters);
 
         Span<byte> features = stackalloc byte[8];
         _file.Read(features, Qcow2Header.OffsetIncompatibleFeatures);
