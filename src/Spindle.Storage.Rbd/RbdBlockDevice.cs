@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging.Abstractions;
 using Spindle.Protocol;
 using Spindle.Storage.Rbd.Native;
 
@@ -25,6 +26,7 @@ public sealed partial class RbdBlockDevice : BlockDevice
     private readonly string _description;
     private readonly bool _readOnly;
     private nint _image;
+    private long _size;
     private long _inFlight;
     private int _disposing;
     private readonly TaskCompletionSource _idle = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -33,7 +35,8 @@ public sealed partial class RbdBlockDevice : BlockDevice
     {
         _connection = connection;
         _image = image;
-        Size = size;
+        _size = size;
+        _logger = options.Logger ?? NullLogger.Instance;
         Image = options.Image;
         _readOnly = options.ReadOnly || options.Image.IsSnapshot;
         _fastDiff = fastDiff;
@@ -41,7 +44,12 @@ public sealed partial class RbdBlockDevice : BlockDevice
         _operations = new RbdAioOperationPool(Failure, FinishRequest);
     }
 
-    public override long Size { get; }
+    /// <summary>
+    /// The image's size as last read: at the open, then whenever the header watch reports a change or the timer of
+    /// <see cref="RbdOptions.SizeCheckInterval"/> fires (see RbdBlockDevice.Resize.cs). A connection keeps the size it
+    /// negotiated; new ones get this.
+    /// </summary>
+    public override long Size => Volatile.Read(ref _size);
 
     /// <summary>The image (and snapshot) served.</summary>
     public RbdImageSpec Image { get; }
@@ -87,7 +95,9 @@ public sealed partial class RbdBlockDevice : BlockDevice
 
             var fastDiff = LibRbd.GetFeatures(image, out var features) == 0 && (features & LibRbd.FeatureFastDiff) != 0 &&
                            LibRbd.GetFlags(image, out var flags) == 0 && (flags & LibRbd.FlagFastDiffInvalid) == 0;
-            return new RbdBlockDevice(connection, image, options, (long)size, fastDiff);
+            var device = new RbdBlockDevice(connection, image, options, (long)size, fastDiff);
+            device.StartSizeTracking(options);
+            return device;
         }
         catch
         {
@@ -148,6 +158,7 @@ public sealed partial class RbdBlockDevice : BlockDevice
             return;
         }
 
+        await StopSizeTimerAsync().ConfigureAwait(false);
         if (Interlocked.Read(ref _inFlight) == 0)
         {
             _idle.TrySetResult();
@@ -167,7 +178,12 @@ public sealed partial class RbdBlockDevice : BlockDevice
 
         var image = _image;
         _image = 0;
-        var close = Task.Run(() => LibRbd.Close(image));
+        var close = Task.Run(() =>
+        {
+            // rbd_update_unwatch before rbd_close: once it returns, librbd no longer calls back into this object.
+            StopWatching(image);
+            return LibRbd.Close(image);
+        });
         try
         {
             await close.WaitAsync(CloseTimeout).ConfigureAwait(false);

@@ -1,4 +1,5 @@
 using System.Globalization;
+using Microsoft.Extensions.Logging;
 
 namespace Spindle.Storage.Rbd;
 
@@ -7,6 +8,14 @@ public sealed class RbdOptions
 {
     /// <summary>The default for <see cref="ConnectTimeout"/>.</summary>
     public static readonly TimeSpan DefaultConnectTimeout = TimeSpan.FromSeconds(15);
+
+    /// <summary>
+    /// The default for <see cref="SizeCheckInterval"/>: 30 s. The header watch normally reports a resize within
+    /// milliseconds; the timer only catches what the watch may miss (a notification lost while the cluster connection
+    /// was down), so a resize is seen within half a minute at worst, and a re-read costs next to nothing (librbd answers
+    /// from memory unless its header is out of date).
+    /// </summary>
+    public static readonly TimeSpan DefaultSizeCheckInterval = TimeSpan.FromSeconds(30);
 
     public RbdOptions(RbdImageSpec image)
     {
@@ -42,6 +51,17 @@ public sealed class RbdOptions
     public TimeSpan ConnectTimeout { get; set; } = DefaultConnectTimeout;
 
     /// <summary>
+    /// How often the image's size is re-read, beside the header watch (rbd_update_watch) that reports a resize at once.
+    /// Default: <see cref="DefaultSizeCheckInterval"/>. <see cref="TimeSpan.Zero"/>: never (the watch alone). A snapshot's
+    /// size never changes, so a snapshot is neither watched nor re-read. Setting key: <c>size_check_interval</c>
+    /// (seconds).
+    /// </summary>
+    public TimeSpan SizeCheckInterval { get; set; } = DefaultSizeCheckInterval;
+
+    /// <summary>Where a change of the image's size (or a failure to read it) is logged. Null: nowhere.</summary>
+    public ILogger? Logger { get; set; }
+
+    /// <summary>
     /// Ceph configuration options set after the configuration file is read (for example <c>mon_host</c>,
     /// <c>rbd_cache</c>). Ceph validates the names: an unknown one fails the open.
     /// </summary>
@@ -51,7 +71,7 @@ public sealed class RbdOptions
     /// <summary>
     /// Builds options from an image specification (qemu's <c>pool/image[@snap][:key=value...]</c> form is accepted)
     /// and settings such as a configuration file or command line give them. Keys <c>conf</c>, <c>id</c>,
-    /// <c>keyring</c>, <c>cluster</c> and <c>connect_timeout</c> (seconds) are Spindle's; any other key is a Ceph
+    /// <c>keyring</c>, <c>cluster</c>, <c>connect_timeout</c> and <c>size_check_interval</c> (seconds) are Spindle's; any other key is a Ceph
     /// option. Settings override options written inline.
     /// </summary>
     /// <exception cref="FormatException">The specification or a setting is malformed.</exception>
@@ -100,6 +120,14 @@ public sealed class RbdOptions
                 }
 
                 ConnectTimeout = TimeSpan.FromSeconds(seconds);
+                break;
+            case "size_check_interval":
+                if (!double.TryParse(value, NumberStyles.Float, CultureInfo.InvariantCulture, out var interval) || interval is < 0 or > 86400)
+                {
+                    throw new FormatException($"size_check_interval must be a number of seconds from 0 (never) to 86400, not '{value}'");
+                }
+
+                SizeCheckInterval = TimeSpan.FromSeconds(interval);
                 break;
             default:
                 CephOptions[key] = value;

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Logging;
 using Spindle.Storage;
 
 namespace Spindle.Cli.Hosting;
@@ -6,6 +7,12 @@ namespace Spindle.Cli.Hosting;
 internal static class BackendFactory
 {
     private static readonly Dictionary<string, Func<ExportDefinition, BlockDevice>> Extra = new(StringComparer.OrdinalIgnoreCase);
+
+    /// <summary>
+    /// Where backends that log while they serve (an RBD image reporting a resize) send their lines: the server's
+    /// logging, set when the server host starts. Null (commands that are not a server): they log nothing.
+    /// </summary>
+    public static ILoggerFactory? Logging { get; set; }
 
     public static void Register(string kind, Func<ExportDefinition, BlockDevice> open) => Extra[kind] = open;
 

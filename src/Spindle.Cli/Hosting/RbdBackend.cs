@@ -20,6 +20,7 @@ internal static class RbdBackend
         try
         {
             options = RbdOptions.Create(definition.Location, definition.Settings, definition.Options.ReadOnly);
+            options.Logger = BackendFactory.Logging?.CreateLogger("Spindle.Rbd");
         }
         catch (FormatException exception)
         {

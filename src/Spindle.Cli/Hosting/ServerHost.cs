@@ -58,6 +58,7 @@ internal sealed partial class ServerHost : IAsyncDisposable
         _options = options;
         _loggerFactory = loggerFactory;
         _logger = loggerFactory.CreateLogger("Spindle");
+        BackendFactory.Logging = loggerFactory;
         _catalog = new ExportCatalog { DefaultExportName = configuration.DefaultExport, ListAliases = configuration.ListAliases };
     }
 

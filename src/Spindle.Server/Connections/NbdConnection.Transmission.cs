@@ -498,10 +498,16 @@ internal sealed partial class NbdConnection
             return NbdError.InvalidArgument;
         }
 
-        var size = (ulong)export.Size;
+        // The size this client negotiated, or less if the device has shrunk since (a resized RBD image): a grown device
+        // does not widen an open connection, which was never told, and a shrunk one answers past its end with an error.
+        var negotiated = (ulong)_negotiator.NegotiatedSize;
+        var current = (ulong)(_device ?? export.Device).Size;
+        var size = Math.Min(negotiated, current);
         if (request.Offset > size || length > size - request.Offset)
         {
-            reason = $"range {request.Offset}+{length} is beyond the end of the export ({size} bytes)";
+            reason = current < negotiated
+                ? $"range {request.Offset}+{length} is beyond the end of the export, which shrank from {negotiated} to {current} bytes"
+                : $"range {request.Offset}+{length} is beyond the end of the export ({size} bytes)";
             return command is NbdCommand.Write or NbdCommand.WriteZeroes ? NbdError.NoSpace : NbdError.InvalidArgument;
         }
 

@@ -58,9 +58,10 @@ internal sealed partial class ServerNegotiator
         }
 
         var flags = export.FlagsFor(StructuredReplies, ExtendedHeaders);
+        var size = export.Size;
         var span = _output.GetSpan(ExportNameReply.FullLength);
-        _output.Advance(ExportNameReply.Write(span, (ulong)export.Size, flags, _clientNoZeroes));
-        EnterTransmission(export, name);
+        _output.Advance(ExportNameReply.Write(span, (ulong)size, flags, _clientNoZeroes));
+        EnterTransmission(export, name, size);
         return NegotiationOutcome.Transmission;
     }
 
@@ -139,7 +140,10 @@ internal sealed partial class ServerNegotiator
 
         Span<byte> info = stackalloc byte[InfoReplies.BlockSizeLength];
         var flags = export.FlagsFor(StructuredReplies, ExtendedHeaders);
-        WriteReply(option, OptionReplyType.Info, info[..InfoReplies.WriteExport(info, (ulong)export.Size, flags)]);
+
+        // Read once: the size a client is told is the size its connection is held to (a device can grow meanwhile).
+        var size = export.Size;
+        WriteReply(option, OptionReplyType.Info, info[..InfoReplies.WriteExport(info, (ulong)size, flags)]);
         foreach (var requested in request.Requests.Distinct())
         {
             switch (requested)
@@ -159,7 +163,7 @@ internal sealed partial class ServerNegotiator
         WriteReply(option, OptionReplyType.Ack, default);
         if (option == NbdOption.Go)
         {
-            EnterTransmission(export, request.ExportName);
+            EnterTransmission(export, request.ExportName, size);
             return NegotiationOutcome.Transmission;
         }
 
@@ -168,9 +172,10 @@ internal sealed partial class ServerNegotiator
         return null;
     }
 
-    private void EnterTransmission(Export export, string requestedName)
+    private void EnterTransmission(Export export, string requestedName, long size)
     {
         Export = export;
+        NegotiatedSize = size;
         RequestedName = requestedName;
         Flags = export.FlagsFor(StructuredReplies, ExtendedHeaders);
         if (_contextExport != requestedName)
@@ -183,7 +188,7 @@ internal sealed partial class ServerNegotiator
             RebindContexts(export);
         }
 
-        ServerLog.ExportSelected(_logger, Id, Peer, export.Name, export.Size, Flags, StructuredReplies, ExtendedHeaders, _selected.Count > 0);
+        ServerLog.ExportSelected(_logger, Id, Peer, export.Name, size, Flags, StructuredReplies, ExtendedHeaders, _selected.Count > 0);
     }
 
     /// <summary>The TLS mode of this connection: NOTLS unless the server has TLS and the client speaks fixed newstyle.</summary>

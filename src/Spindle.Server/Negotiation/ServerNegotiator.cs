@@ -71,6 +71,13 @@ internal sealed partial class ServerNegotiator : IDisposable
     /// <summary>Whether NBD_OPT_EXTENDED_HEADERS was negotiated: 32-byte requests and replies, 64-bit lengths.</summary>
     public bool ExtendedHeaders { get; private set; }
 
+    /// <summary>
+    /// The export size this connection's client was told. NBD cannot tell a client that the size changed, so its
+    /// requests stay bounded by this even if the device grows (RBD online resize); a device that shrank bounds them
+    /// further.
+    /// </summary>
+    public long NegotiatedSize { get; private set; }
+
     /// <summary>The export the client entered transmission with.</summary>
     public Export? Export { get; private set; }
 

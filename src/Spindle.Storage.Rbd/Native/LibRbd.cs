@@ -38,6 +38,18 @@ internal static unsafe partial class LibRbd
     [LibraryImport(Library, EntryPoint = "rbd_get_size")]
     public static partial int GetSize(nint image, out ulong size);
 
+    /// <summary>
+    /// rbd_update_watch: <paramref name="callback"/>(argument) runs on a librbd thread after the image's header changed
+    /// (a resize, a snapshot, a feature change), as another client's notification arrives. librbd reads the new header
+    /// lazily, at the next call that needs it (rbd_get_size among them).
+    /// </summary>
+    [LibraryImport(Library, EntryPoint = "rbd_update_watch")]
+    public static partial int UpdateWatch(nint image, out ulong handle, delegate* unmanaged<nint, void> callback, nint argument);
+
+    /// <summary>rbd_update_unwatch: after it returns the callback no longer runs; must come before rbd_close.</summary>
+    [LibraryImport(Library, EntryPoint = "rbd_update_unwatch")]
+    public static partial int UpdateUnwatch(nint image, ulong handle);
+
     [LibraryImport(Library, EntryPoint = "rbd_get_features")]
     public static partial int GetFeatures(nint image, out ulong features);
 

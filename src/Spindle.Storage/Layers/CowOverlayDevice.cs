@@ -30,6 +30,7 @@ public sealed class CowOverlayDevice : LayerDevice
 
     private readonly SafeFileHandle _overlay;
     private readonly byte[] _map;
+    private readonly long _size;
     private readonly int _shift;
     private readonly bool _shared;
     private readonly SemaphoreSlim _mutate = new(1, 1);
@@ -47,8 +48,9 @@ public sealed class CowOverlayDevice : LayerDevice
         : base(baseDevice, ownsBase)
     {
         _shared = shared;
-        _shift = BlockShiftFor(baseDevice.Size);
-        var blocks = (baseDevice.Size + BlockSize - 1) >> _shift;
+        _size = baseDevice.Size;
+        _shift = BlockShiftFor(_size);
+        var blocks = (_size + BlockSize - 1) >> _shift;
         _map = new byte[blocks];
         var path = System.IO.Path.Combine(directory ?? System.IO.Path.GetTempPath(), $"spindle-cow-{Environment.ProcessId}-{Guid.NewGuid():N}.overlay");
         _overlay = File.OpenHandle(path, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None);
@@ -56,7 +58,7 @@ public sealed class CowOverlayDevice : LayerDevice
         {
             // Unlinked at once: the open handle keeps it, and it goes away with the handle or the process.
             File.Delete(path);
-            RandomAccess.SetLength(_overlay, baseDevice.Size);
+            RandomAccess.SetLength(_overlay, _size);
         }
         catch
         {
@@ -64,6 +66,12 @@ public sealed class CowOverlayDevice : LayerDevice
             throw;
         }
     }
+
+    /// <summary>
+    /// The base's size when the overlay was made. A base that grows later (a resized RBD image) does not widen the
+    /// overlay: its allocation map and file were sized for this.
+    /// </summary>
+    public override long Size => _size;
 
     /// <summary>The allocation map's block size: 4 KiB, or more for a base too large for the map at 4 KiB.</summary>
     public int BlockSize => 1 << _shift;
