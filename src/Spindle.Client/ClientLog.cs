@@ -56,4 +56,7 @@ internal static partial class ClientLog
 
     [LoggerMessage(117, LogLevel.Error, "[{Connection}] {Server}: the connection's loops did not stop within 30 s of its failure; its requests are sent again anyway")]
     public static partial void LoopsDidNotStop(ILogger logger, int connection, string server);
+
+    [LoggerMessage(118, LogLevel.Information, "{Server}: the export grew from {OldSize} to {NewSize} bytes (every connection came back with the larger size)")]
+    public static partial void ExportGrew(ILogger logger, string server, long oldSize, long newSize);
 }

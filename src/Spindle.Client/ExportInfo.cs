@@ -141,3 +141,13 @@ public sealed record ExportInfo
 
 /// <summary>One export named by NBD_OPT_LIST, with the details NBD_OPT_INFO gave (null if the server refused INFO).</summary>
 public sealed record ExportListing(string Name, string? Description, ExportInfo? Info, string? InfoError);
+
+/// <summary>The export's size before and after it grew on the server (<see cref="NbdClient.SizeChanged"/>).</summary>
+public sealed class ExportSizeChangedEventArgs(long oldSize, long newSize) : EventArgs
+{
+    /// <summary>The size the client had.</summary>
+    public long OldSize { get; } = oldSize;
+
+    /// <summary>The size every connection negotiated now.</summary>
+    public long NewSize { get; } = newSize;
+}

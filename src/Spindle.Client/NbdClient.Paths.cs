@@ -24,7 +24,8 @@ public sealed partial class NbdClient
     /// <summary>Guards the wait queue, the connection slots of every path and the liveness state.</summary>
     private readonly Lock _dispatchLock = new();
 
-    private readonly ExportInfo _export;
+    /// <summary>Replaced (never changed in place) when every connection has come back with a larger export.</summary>
+    private ExportInfo _export;
 
     /// <summary>The connections requests may go to now (rebuilt when one comes or goes; read without the lock).</summary>
     private NbdConnection[] _eligible = [];
@@ -47,12 +48,18 @@ public sealed partial class NbdClient
 
     /// <summary>
     /// What makes <paramref name="other"/> a different export from <paramref name="reference"/> for the purposes of
-    /// sending it the same requests, or null when it is the same: size, flags, block sizes, meta contexts, and the
-    /// stable names both servers list.
+    /// sending it the same requests, or null when it is the same: a smaller size, flags, block sizes, meta contexts,
+    /// and the stable names both servers list.
     /// </summary>
+    /// <remarks>
+    /// A larger size is the same export grown while the client was away (an RBD image resized online, a file
+    /// extended): every request the client could make still fits, so it is accepted, and the client takes the larger
+    /// size once all its connections have it (see <see cref="TakeLargerSizeLocked"/>). A smaller one would leave
+    /// what the client already knows of past the end.
+    /// </remarks>
     internal static string? Disagreement(ExportInfo reference, ExportInfo other)
     {
-        if (other.Size != reference.Size)
+        if (other.Size < reference.Size)
         {
             return $"size {other.Size} instead of {reference.Size}";
         }
@@ -454,6 +461,7 @@ public sealed partial class NbdClient
     {
         connection.PathIndex = path.Index;
         Wire(connection);
+        ExportSizeChangedEventArgs? grown;
         lock (_dispatchLock)
         {
             if (Volatile.Read(ref _disposed) != 0)
@@ -463,8 +471,45 @@ public sealed partial class NbdClient
 
             path.Connections[slot] = connection;
             RebuildEligibleLocked();
-            return true;
+            grown = TakeLargerSizeLocked();
         }
+
+        if (grown is { } change)
+        {
+            ClientLog.ExportGrew(_logger, Uri.Target, change.OldSize, change.NewSize);
+            SizeChanged?.Invoke(this, change);
+        }
+
+        return true;
+    }
+
+    /// <summary>
+    /// The export grew if every connection now open negotiated a larger size than the client has: it takes the
+    /// smallest of theirs. While one connection still holds the old size the client keeps it, since a request past
+    /// that connection's end would be refused by its server (NBD cannot widen an open connection).
+    /// </summary>
+    private ExportSizeChangedEventArgs? TakeLargerSizeLocked()
+    {
+        var smallest = long.MaxValue;
+        foreach (var path in _paths)
+        {
+            foreach (var connection in path.Connections)
+            {
+                if (connection is not null)
+                {
+                    smallest = Math.Min(smallest, connection.Export.Size);
+                }
+            }
+        }
+
+        var current = _export;
+        if (smallest == long.MaxValue || smallest <= current.Size)
+        {
+            return null;
+        }
+
+        Volatile.Write(ref _export, current with { Size = smallest });
+        return new ExportSizeChangedEventArgs(current.Size, smallest);
     }
 
     /// <summary>Why a request cannot wait for a connection: the client is closed, or dead, or does not reconnect and has none.</summary>

@@ -62,10 +62,21 @@ public sealed partial class NbdClient : IAsyncDisposable
     /// <summary>The options the client was made with (a copy: later changes to the caller's object do not reach it).</summary>
     public NbdClientOptions Options { get; }
 
-    /// <summary>What negotiation said about the export (the first connection's view; every other must agree).</summary>
-    public ExportInfo Export => _export;
+    /// <summary>
+    /// What negotiation said about the export (the first connection's view; every other must agree). Its size grows
+    /// when the export was grown on the server and every connection has since reconnected with the larger size
+    /// (<see cref="SizeChanged"/>); it never shrinks.
+    /// </summary>
+    public ExportInfo Export => Volatile.Read(ref _export);
 
+    /// <summary>The export's size in bytes, as <see cref="Export"/> says.</summary>
     public long Size => Export.Size;
+
+    /// <summary>
+    /// Raised (on the thread that reconnected) when the export is larger after a reconnection: an online resize on
+    /// the server. A FUSE mount or anything else that sized itself from <see cref="Size"/> can pick up the new size.
+    /// </summary>
+    public event EventHandler<ExportSizeChangedEventArgs>? SizeChanged;
 
     /// <summary>Connections working now, over every path (more than one per path only with multi-conn).</summary>
     public int ConnectionCount => _paths.Sum(path => path.Connections.Count(connection => connection is { IsAvailable: true }));

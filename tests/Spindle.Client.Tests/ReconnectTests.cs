@@ -433,14 +433,15 @@ public sealed class ReconnectTests
                 return;
             }
 
-            // Restarted with a bigger image under the same name: requests must not reach it.
-            await c.HandshakeAsync(2 * Size, Writable);
+            // Restarted with a smaller image under the same name: requests must not reach it (a larger one is the
+            // same export grown, GrowingExportTests).
+            await c.HandshakeAsync(Size / 2, Writable);
             await c.WaitForClientCloseAsync();
         });
         await using var client = await NbdClient.ConnectAsync(server.Uri(), Fast(TimeSpan.FromSeconds(2)), Token);
         var error = await Assert.ThrowsAsync<NbdConnectionException>(() => client.WriteAsync(0, new byte[512], Token).AsTask().WaitAsync(Bound, Token));
         Assert.Contains("now serves a different export under ''", error.Message, StringComparison.Ordinal);
-        Assert.Contains("size 2097152 instead of 1048576", error.Message, StringComparison.Ordinal);
+        Assert.Contains("size 524288 instead of 1048576", error.Message, StringComparison.Ordinal);
         Assert.Equal(0, client.Reconnections);
     }
 
@@ -612,10 +613,10 @@ public sealed class ReconnectTests
         });
         await using var b = ScriptedNbdServer.Start(async c =>
         {
-            await c.HandshakeAsync(2 * Size, Writable | TransmissionFlags.CanMultiConn);
+            await c.HandshakeAsync(Size / 2, Writable | TransmissionFlags.CanMultiConn);
             await c.WaitForClientCloseAsync();
         });
         var error = await Assert.ThrowsAsync<NbdConnectionException>(() => NbdClient.ConnectAsync([NbdUri.Parse(a.Uri()), NbdUri.Parse(b.Uri())], Fast(), Token));
-        Assert.Contains("do not serve the same export, so they cannot be paths to one disk: size 2097152 instead of 1048576", error.Message, StringComparison.Ordinal);
+        Assert.Contains("do not serve the same export, so they cannot be paths to one disk: size 524288 instead of 1048576", error.Message, StringComparison.Ordinal);
     }
 }

@@ -274,10 +274,15 @@ public sealed partial class NbdKernelDevice : IAsyncDisposable
         return size;
     }
 
-    /// <summary>Only the same export may continue a device: same size and access, same UUID when the server gives one.</summary>
+    /// <summary>
+    /// Only the same export may continue a device: same access, same UUID when the server gives one, and at least the
+    /// size the device has. A larger one is the export grown on the server (an RBD image resized online): the device
+    /// keeps the size it was attached with, so every request it sends still fits (detach and attach again to see the
+    /// new size).
+    /// </summary>
     private static void CheckSameExport(ExportInfo first, ExportInfo next, string server)
     {
-        if (next.Size != first.Size || next.IsReadOnly != first.IsReadOnly
+        if (next.Size < first.Size || next.IsReadOnly != first.IsReadOnly
             || (first.Identity?.Uuid is { } uuid && next.Identity?.Uuid is { } other && !string.Equals(uuid, other, StringComparison.OrdinalIgnoreCase)))
         {
             throw new NbdConnectionException(
