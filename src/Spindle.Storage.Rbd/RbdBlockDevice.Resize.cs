@@ -12,6 +12,7 @@ namespace Spindle.Storage.Rbd;
 /// bounds each connection's requests by that), and new connections negotiate the new one.
 /// </summary>
 /// <remarks>
+/// Only a writable open follows a resize; a read-only one (or a snapshot) keeps the size it was opened with.
 /// A shrink is logged as a warning: data past the new end is gone in the cluster, and requests there fail (the
 /// server answers them with an NBD error, librbd with -EINVAL); nothing else is affected.
 /// </remarks>
@@ -40,9 +41,12 @@ public sealed partial class RbdBlockDevice
     /// <summary>Registers the header watch and starts the timer; neither failing stops the image being served.</summary>
     private unsafe void StartSizeTracking(RbdOptions options)
     {
-        if (Image.IsSnapshot)
+        if (_readOnly)
         {
-            // A snapshot is immutable: its size never changes.
+            // A snapshot is immutable: its size never changes. A read-only open of the image itself has no header
+            // watch in librbd (rbd_aio_open_read_only), so nothing tells it about a resize: rbd_get_size goes on
+            // answering from the header read at the open, and I/O is clipped to it. It keeps its size until reopened
+            // (docs/rbd.md).
             return;
         }
 

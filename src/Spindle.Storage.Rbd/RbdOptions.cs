@@ -53,7 +53,8 @@ public sealed class RbdOptions
     /// <summary>
     /// How often the image's size is re-read, beside the header watch (rbd_update_watch) that reports a resize at once.
     /// Default: <see cref="DefaultSizeCheckInterval"/>. <see cref="TimeSpan.Zero"/>: never (the watch alone). A snapshot's
-    /// size never changes, so a snapshot is neither watched nor re-read. Setting key: <c>size_check_interval</c>
+    /// size never changes, and a read-only open has no header watch in librbd (so a re-read would only repeat the
+    /// size read at the open): neither is watched nor re-read. Setting key: <c>size_check_interval</c>
     /// (seconds).
     /// </summary>
     public TimeSpan SizeCheckInterval { get; set; } = DefaultSizeCheckInterval;

@@ -112,7 +112,7 @@ public sealed class ServeRbdCommandTests(CephCluster cluster)
     }
 
     /// <summary>Starts spindle serve and waits (bounded) for its Unix socket.</summary>
-    private static async Task<RunningServer> StartAsync(string socket, params string[] arguments)
+    internal static async Task<RunningServer> StartAsync(string socket, params string[] arguments)
     {
         var output = new StringBuilder();
         var process = PeerTool.Start(Spindle, new[] { "serve" }.Concat(arguments), onOutput: line =>
@@ -138,7 +138,7 @@ public sealed class ServeRbdCommandTests(CephCluster cluster)
         return server;
     }
 
-    private sealed class RunningServer(Process process, StringBuilder output) : IAsyncDisposable
+    internal sealed class RunningServer(Process process, StringBuilder output) : IAsyncDisposable
     {
         public string Output
         {
