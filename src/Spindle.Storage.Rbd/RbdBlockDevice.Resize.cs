@@ -39,7 +39,7 @@ public sealed partial class RbdBlockDevice
     public long SizeChanges => Interlocked.Read(ref _sizeChanges);
 
     /// <summary>Registers the header watch and starts the timer; neither failing stops the image being served.</summary>
-    private unsafe void StartSizeTracking(RbdOptions options)
+    private void StartSizeTracking(RbdOptions options)
     {
         if (_readOnly)
         {
@@ -50,6 +50,20 @@ public sealed partial class RbdBlockDevice
             return;
         }
 
+        if (options.WatchHeader)
+        {
+            Watch();
+        }
+
+        if (options.SizeCheckInterval > TimeSpan.Zero)
+        {
+            _sizeTimer = new Timer(static state => ((RbdBlockDevice)state!).RequestRefresh("timer"), this,
+                options.SizeCheckInterval, options.SizeCheckInterval);
+        }
+    }
+
+    private unsafe void Watch()
+    {
         _watchHandle = GCHandle.Alloc(this, GCHandleType.Weak);
         var result = LibRbd.UpdateWatch(_image, out _watch, &OnHeaderUpdate, GCHandle.ToIntPtr(_watchHandle));
         if (result < 0)
@@ -60,12 +74,6 @@ public sealed partial class RbdBlockDevice
         else
         {
             _watching = true;
-        }
-
-        if (options.SizeCheckInterval > TimeSpan.Zero)
-        {
-            _sizeTimer = new Timer(static state => ((RbdBlockDevice)state!).RequestRefresh("timer"), this,
-                options.SizeCheckInterval, options.SizeCheckInterval);
         }
     }
 

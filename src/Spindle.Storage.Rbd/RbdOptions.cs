@@ -59,6 +59,11 @@ public sealed class RbdOptions
     /// </summary>
     public TimeSpan SizeCheckInterval { get; set; } = DefaultSizeCheckInterval;
 
+    /// <summary>
+    /// Register rbd_update_watch (default: true). Off only in tests, to show that the timer alone finds a resize.
+    /// </summary>
+    internal bool WatchHeader { get; set; } = true;
+
     /// <summary>Where a change of the image's size (or a failure to read it) is logged. Null: nowhere.</summary>
     public ILogger? Logger { get; set; }
 

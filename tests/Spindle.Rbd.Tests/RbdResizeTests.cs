@@ -46,6 +46,22 @@ public sealed class RbdResizeTests(CephCluster cluster)
     }
 
     [Fact(Timeout = 120_000)]
+    public async Task Without_the_header_watch_the_timer_alone_finds_a_grown_image()
+    {
+        var image = await cluster.CreateImageAsync("grow-timer");
+        var options = cluster.Options(image);
+        options.WatchHeader = false;
+        options.SizeCheckInterval = TimeSpan.FromMilliseconds(200);
+        await using var device = Spindle.Storage.Rbd.RbdBlockDevice.Open(options);
+
+        await Resize(image, NewSize);
+        await WaitAsync(() => device.Size == NewSize, $"the device still reports {device.Size} bytes");
+        var data = Patterns.Generate(NewSize - 4096, 4096, seed: 12);
+        await device.WriteAsync(NewSize - 4096, data, fua: true, Token);
+        Assert.Equal(data, await cluster.PythonReadAsync(image, NewSize - 4096, data.Length));
+    }
+
+    [Fact(Timeout = 120_000)]
     public async Task A_read_only_open_keeps_the_size_it_was_opened_with_and_goes_on_serving_it()
     {
         // librbd gives a read-only open no header watch: it cannot follow a resize (docs/rbd.md says so).
