@@ -43,6 +43,7 @@ internal sealed class BlockDeviceFile
     private readonly ConcurrentDictionary<ulong, uint> _handles = new();
     private readonly Lock _attributesLock = new();
     private long _nextHandle;
+    private long _size;
     private NodeAttributes _file;
     private NodeAttributes _directory;
 
@@ -50,7 +51,7 @@ internal sealed class BlockDeviceFile
     {
         _device = device;
         _features = device.Features;
-        Size = device.Size;
+        _size = device.Size;
         ReadOnly = options.ReadOnly || (_features & BlockDeviceFeatures.Write) == 0;
         FileName = options.FileName;
         _name = Encoding.UTF8.GetBytes(options.FileName);
@@ -72,7 +73,25 @@ internal sealed class BlockDeviceFile
         _directory = new NodeAttributes(FuseConstants.SIfDir | directoryMode, uid, gid, now, now);
     }
 
-    public long Size { get; }
+    /// <summary>The file's size: the device's when mounted, larger once <see cref="TryGrow"/> saw the device grow.</summary>
+    public long Size => Volatile.Read(ref _size);
+
+    /// <summary>
+    /// Takes the device's size if it grew (an NBD export resized online that the client reconnected to). Never
+    /// shrinks: what was written near the old end stays reachable, and the device refuses requests past its end.
+    /// </summary>
+    public bool TryGrow(out long oldSize, out long newSize)
+    {
+        oldSize = Size;
+        newSize = _device.Size;
+        if (newSize <= oldSize)
+        {
+            return false;
+        }
+
+        Volatile.Write(ref _size, newSize);
+        return true;
+    }
 
     public bool ReadOnly { get; }
 

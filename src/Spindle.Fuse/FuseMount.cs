@@ -27,7 +27,11 @@ public sealed class FuseMount : IAsyncDisposable
     private readonly FuseMountOptions _options;
     private readonly ILogger _logger;
     private readonly int? _connectionId;
+    private Timer? _sizeWatch;
     private int _disposed;
+
+    /// <summary>How often the device's size is compared with the file's: a resize is rare, and a second is soon enough.</summary>
+    private static readonly TimeSpan SizeCheckPeriod = TimeSpan.FromSeconds(1);
 
     private FuseMount(FuseSession session, FuseDevice fuse, FuseMountOptions options, string mountPoint, int? connectionId, FuseMounter mounter, ILogger logger)
     {
@@ -110,6 +114,7 @@ public sealed class FuseMount : IAsyncDisposable
         }
 
         FuseLog.Mounted(logger, path, mount.FilePath, file.Size, file.ReadOnly ? "read-only" : "read-write", device.Description, mounter.ToString());
+        mount._sizeWatch = new Timer(static state => ((FuseMount)state!).CheckSize(), mount, SizeCheckPeriod, SizeCheckPeriod);
         return mount;
     }
 
@@ -175,11 +180,31 @@ public sealed class FuseMount : IAsyncDisposable
 
     public ValueTask DisposeAsync() => DisposeCoreAsync(flush: true);
 
+    /// <summary>
+    /// Follows a device that grows (an NBD export resized online, once the client has reconnected and taken the
+    /// larger size): the file takes the new size and the kernel is told to forget the old one.
+    /// </summary>
+    private void CheckSize()
+    {
+        if (Volatile.Read(ref _disposed) != 0 || _session.Ended || !_session.File.TryGrow(out var oldSize, out var newSize))
+        {
+            return;
+        }
+
+        var errno = _session.NotifyAttributesChanged(BlockDeviceFile.FileNodeId);
+        FuseLog.FileGrew(_logger, MountPoint, FilePath, oldSize, newSize, errno is 0 or Errno.ENOENT ? "ok" : Errno.Describe(errno));
+    }
+
     private async ValueTask DisposeCoreAsync(bool flush)
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
         {
             return;
+        }
+
+        if (_sizeWatch is { } watch)
+        {
+            await watch.DisposeAsync().ConfigureAwait(false);
         }
 
         if (!_session.Ended)

@@ -249,6 +249,21 @@ internal sealed partial class FuseSession
         }
     }
 
+    /// <summary>
+    /// Tells the kernel that a node's attributes changed (the file grew), so the next stat(2) asks again instead of
+    /// answering from its cache (FUSE_NOTIFY_INVAL_INODE with offset -1: attributes only, cached pages kept). Returns
+    /// 0 or the errno of the write (ENOENT: the kernel has not looked the node up yet, nothing to invalidate).
+    /// </summary>
+    internal int NotifyAttributesChanged(ulong nodeId)
+    {
+        var buffer = new byte[FuseOutHeader.Size + FuseNotifyInvalidateInode.Size];
+        var header = new FuseOutHeader { Length = (uint)buffer.Length, Error = FuseConstants.NotifyInvalidateInode, Unique = 0 };
+        MemoryMarshal.Write(buffer, in header);
+        var notice = new FuseNotifyInvalidateInode { NodeId = nodeId, Offset = -1, Length = 0 };
+        MemoryMarshal.Write(buffer.AsSpan(FuseOutHeader.Size), in notice);
+        return _device.Write(buffer, buffer.Length);
+    }
+
     private void SendError(byte[] buffer, ulong unique, int errno) => Send(buffer, unique, errno, 0);
 
     private void SendStruct<T>(byte[] buffer, ulong unique, in T value)

@@ -804,8 +804,8 @@ public sealed class ScriptedServerTests
     {
         await using var server = ScriptedNbdServer.Start(async c =>
         {
-            // The third connection describes the export differently: the client must refuse to mix them.
-            await c.HandshakeAsync(c.Number == 3 ? Size * 2 : Size, Writable | TransmissionFlags.CanMultiConn);
+            // The third connection describes the export differently (smaller): the client must refuse to mix them.
+            await c.HandshakeAsync(c.Number == 3 ? Size / 2 : Size, Writable | TransmissionFlags.CanMultiConn);
             await c.WaitForClientCloseAsync();
         });
         var options = new NbdClientOptions { Connections = 3 };

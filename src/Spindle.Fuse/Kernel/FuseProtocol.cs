@@ -152,6 +152,9 @@ internal static class FuseConstants
 
     public const ulong RootNodeId = 1;
 
+    /// <summary>FUSE_NOTIFY_INVAL_INODE: sent in a header's error field with unique 0 (fuse.h, "notify codes").</summary>
+    public const int NotifyInvalidateInode = 2;
+
     /// <summary>The kernel refuses a read() buffer smaller than this or than max_write plus the headers.</summary>
     public const int MinReadBuffer = 8192;
 
@@ -212,6 +215,20 @@ internal struct FuseOutHeader
     public uint Length;
     public int Error;
     public ulong Unique;
+}
+
+/// <summary>
+/// struct fuse_notify_inval_inode_out: the kernel drops its cached attributes of <see cref="NodeId"/>, and its cached
+/// pages from <see cref="Offset"/> for <see cref="Length"/> bytes (0: to the end) unless the offset is negative.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct FuseNotifyInvalidateInode
+{
+    public const int Size = 24;
+
+    public ulong NodeId;
+    public long Offset;
+    public long Length;
 }
 
 /// <summary>struct fuse_attr: what stat(2) shows.</summary>

@@ -43,4 +43,7 @@ internal static partial class FuseLog
 
     [LoggerMessage(13, LogLevel.Error, "{MountPoint}: unexpected failure handling {Opcode}")]
     public static partial void HandlerFailed(ILogger logger, string mountPoint, string opcode, Exception exception);
+
+    [LoggerMessage(14, LogLevel.Information, "{MountPoint}: {File} grew from {OldSize} to {NewSize} bytes with its device (kernel told: {Notice})")]
+    public static partial void FileGrew(ILogger logger, string mountPoint, string file, long oldSize, long newSize, string notice);
 }
