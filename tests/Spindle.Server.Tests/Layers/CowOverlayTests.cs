@@ -13,6 +13,23 @@ public sealed class CowOverlayTests
     private const int Size = 1024 * 1024 + 1000; // not a whole number of map blocks: the last one is short
 
     [Fact]
+    public async Task An_overlay_keeps_its_size_when_the_base_grows_under_it()
+    {
+        // An RBD image resized online under --cow: the map and the file were sized for the base as it was.
+        using var directory = new TempDirectory();
+        var baseDevice = new ResizableMemoryDevice(Size, 2 * Size);
+        await using var overlay = new CowOverlayDevice(baseDevice, directory.Path, ownsBase: false);
+        baseDevice.Resize(2 * Size);
+        Assert.Equal(Size, overlay.Size);
+
+        var data = Patterns.Random(4096, seed: 3);
+        await overlay.WriteAsync(Size - 4096, data, fua: false, CancellationToken.None);
+        var back = new byte[4096];
+        await overlay.ReadAsync(Size - 4096, back, CancellationToken.None);
+        Assert.Equal(data, back);
+    }
+
+    [Fact]
     public async Task Random_writes_zeroes_and_trims_read_back_as_the_model_and_never_touch_the_base()
     {
         using var directory = new TempDirectory();
