@@ -1,4 +1,6 @@
 using System.Text.Json;
+using Spindle.Protocol;
+using Spindle.Server.Exports;
 using Spindle.Storage;
 using Spindle.Testing;
 using Xunit;
@@ -53,7 +55,7 @@ public sealed class CopyBitmapTests
             await file.WriteAsync(Enumerable.Repeat((byte)0xee, 512).ToArray(), TestContext.Current.CancellationToken);
         }
 
-        device.ClearReads();
+        device.Clear();
         var copy = await SpindleCli.RunAsync("copy", "--json", "--bitmap", Bitmap, server.Uri("disk"), backup);
         AssertExit(0, copy);
         var json = JsonDocument.Parse(copy.StandardOutput).RootElement;
@@ -79,6 +81,44 @@ public sealed class CopyBitmapTests
         Assert.True(actual.AsSpan((int)Marker, 512).ToArray().All(b => b == 0xee));
         expected.AsSpan((int)Marker, 512).Fill(0xee);
         Assert.True(expected.AsSpan().SequenceEqual(actual), "the destination differs from the source outside the marker");
+    }
+
+    [Fact]
+    public async Task A_bitmap_finer_than_the_destination_blocks_is_rounded_out_to_whole_blocks()
+    {
+        var inner = new MemoryBlockDevice(Size);
+        await inner.WriteAsync(0, Patterns.Generate(0, Size, seed: 3), fua: false, TestContext.Current.CancellationToken);
+        var source = new BitmapDevice(inner, Bitmap, 512, 1000);
+        var destination = new BitmapDevice(new MemoryBlockDevice(Size), "unused", 65536, 1000);
+        await using var server = await TestServer.StartAsync(catalog =>
+        {
+            catalog.Add(new Export(new ExportOptions { Name = "source" }, source));
+            catalog.Add(new Export(new ExportOptions { Name = "backup", BlockSizes = new BlockSizeConstraints(4096, 4096, 65536) }, destination));
+        });
+        AssertExit(0, await SpindleCli.RunAsync("copy", server.Uri("source"), server.Uri("backup")));
+
+        // 512-byte granules that straddle and fall inside the destination's 4 KiB blocks.
+        foreach (var (offset, length) in new (long, int)[] { (4096 - 512, 1024), ((1 << 20) + 1536, 512), ((5 << 20) + 100, 9000) })
+        {
+            await inner.WriteAsync(offset, Patterns.Generate(offset, length, seed: 4), fua: false, TestContext.Current.CancellationToken);
+            source.MarkDirty(offset, length);
+        }
+
+        destination.Clear();
+        var copy = await SpindleCli.RunAsync("copy", "--json", "--bitmap", Bitmap, server.Uri("source"), server.Uri("backup"));
+        AssertExit(0, copy);
+        var json = JsonDocument.Parse(copy.StandardOutput).RootElement;
+        Assert.Equal(source.DirtyRanges().Sum(range => range.Length), json.GetProperty("dirty_bytes").GetInt64());
+
+        // Whole 4 KiB blocks went to the destination (so it never had to read a block back to patch part of it).
+        Assert.Equal(6 * 4096, json.GetProperty("bytes").GetInt64());
+        Assert.Empty(destination.Reads);
+        Assert.All(destination.Writes, write => Assert.True(write.Offset % 4096 == 0 && write.Length % 4096 == 0, $"write {write.Offset}+{write.Length}"));
+        var expected = new byte[Size];
+        var actual = new byte[Size];
+        await inner.ReadAsync(0, expected, TestContext.Current.CancellationToken);
+        await destination.ReadAsync(0, actual, TestContext.Current.CancellationToken);
+        Assert.True(expected.AsSpan().SequenceEqual(actual), "the destination differs from the source");
     }
 
     [Fact]
@@ -124,6 +164,7 @@ public sealed class CopyBitmapTests
         private readonly Lock _lock = new();
         private readonly SortedSet<long> _dirty = [];
         private readonly List<(long Offset, long Length)> _reads = [];
+        private readonly List<(long Offset, long Length)> _writes = [];
 
         public override long Size => inner.Size;
 
@@ -142,6 +183,17 @@ public sealed class CopyBitmapTests
             }
         }
 
+        public IReadOnlyList<(long Offset, long Length)> Writes
+        {
+            get
+            {
+                lock (_lock)
+                {
+                    return [.. _writes];
+                }
+            }
+        }
+
         public void MarkDirty(long offset, long length)
         {
             lock (_lock)
@@ -153,11 +205,12 @@ public sealed class CopyBitmapTests
             }
         }
 
-        public void ClearReads()
+        public void Clear()
         {
             lock (_lock)
             {
                 _reads.Clear();
+                _writes.Clear();
             }
         }
 
@@ -195,8 +248,15 @@ public sealed class CopyBitmapTests
             return inner.ReadAsync(offset, destination, cancellationToken);
         }
 
-        public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken) =>
-            inner.WriteAsync(offset, source, fua, cancellationToken);
+        public override ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken)
+        {
+            lock (_lock)
+            {
+                _writes.Add((offset, source.Length));
+            }
+
+            return inner.WriteAsync(offset, source, fua, cancellationToken);
+        }
 
         public override ValueTask FlushAsync(CancellationToken cancellationToken) => inner.FlushAsync(cancellationToken);
 
