@@ -169,34 +169,23 @@ internal static partial class CopyCommand
     }
 
     /// <summary>
-    /// The dirty ranges of <paramref name="context"/> over the whole export, in order and merged where they touch, and
-    /// their total. qemu's extents follow the bitmap's granularity, which need not match anything the client asked:
-    /// the client asks again from where each answer ended until the export is covered (bounded: every answer
-    /// describes at least one byte) and clips the last extent to the export.
+    /// The dirty ranges of <paramref name="context"/> over the whole export (<see cref="DirtyRangeSet"/>: in order,
+    /// merged, bounded in number) and the dirty total. qemu's extents follow the bitmap's granularity, which need not
+    /// match anything the client asked: the client asks again from where each answer ended until the export is
+    /// covered (bounded: every answer describes at least one byte) and clips the last extent to the export.
     /// </summary>
-    internal static async Task<(List<ByteRange> Ranges, long DirtyBytes)> ReadDirtyRangesAsync(NbdClient client, string context, long size, CancellationToken cancellationToken)
+    internal static async Task<(IReadOnlyList<ByteRange> Ranges, long DirtyBytes)> ReadDirtyRangesAsync(NbdClient client, string context, long size, CancellationToken cancellationToken)
     {
-        var ranges = new List<ByteRange>();
-        long dirty = 0;
+        var ranges = new DirtyRangeSet();
         await foreach (var extent in client.GetExtentsAsync(0, size, context, cancellationToken).ConfigureAwait(false))
         {
             // qemu:dirty-bitmap:NAME: bit 0 set means dirty; the other bits are reserved.
-            if ((extent.Flags & 1) == 0)
+            if ((extent.Flags & 1) != 0)
             {
-                continue;
-            }
-
-            dirty += extent.Length;
-            if (ranges.Count > 0 && ranges[^1].End == extent.Offset)
-            {
-                ranges[^1] = ranges[^1] with { Length = ranges[^1].Length + extent.Length };
-            }
-            else
-            {
-                ranges.Add(new ByteRange(extent.Offset, extent.Length));
+                ranges.Add(extent.Offset, extent.Length);
             }
         }
 
-        return (ranges, dirty);
+        return (ranges.Ranges, ranges.DirtyBytes);
     }
 }

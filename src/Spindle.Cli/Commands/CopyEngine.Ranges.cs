@@ -74,3 +74,78 @@ internal sealed partial class CopyEngine
         }
     }
 }
+
+/// <summary>
+/// Dirty ranges collected in order, merged where they touch. A bitmap can be fragmented without limit (a hostile or
+/// broken server may say every other byte is dirty), so the number of ranges is bounded: past
+/// <see cref="MaxRanges"/>, ranges separated by small gaps are merged, the tolerated gap doubling until at most half
+/// remain. That only copies some clean bytes as well, which is harmless: they are the same on both ends.
+/// </summary>
+internal sealed class DirtyRangeSet(int maxRanges = DirtyRangeSet.DefaultMaxRanges)
+{
+    /// <summary>4 Mi ranges (64 MiB): a 64 KiB-granular bitmap with every other granule dirty over 512 GiB.</summary>
+    public const int DefaultMaxRanges = 1 << 22;
+
+    private readonly List<ByteRange> _ranges = [];
+
+    /// <summary>The most ranges kept; at least 2.</summary>
+    public int MaxRanges { get; } = Math.Max(2, maxRanges);
+
+    /// <summary>Gaps up to this many bytes are merged over (0 until the first coarsening).</summary>
+    public long MergeGap { get; private set; }
+
+    /// <summary>The bytes added (dirty), not counting gaps merged over.</summary>
+    public long DirtyBytes { get; private set; }
+
+    public IReadOnlyList<ByteRange> Ranges => _ranges;
+
+    /// <summary>Adds a dirty range at or after the end of the last one.</summary>
+    public void Add(long offset, long length)
+    {
+        if (length <= 0)
+        {
+            return;
+        }
+
+        if (_ranges.Count > 0 && offset < _ranges[^1].End)
+        {
+            throw new ArgumentException($"dirty ranges out of order: {offset} before {_ranges[^1].End}");
+        }
+
+        DirtyBytes += length;
+        if (_ranges.Count > 0 && offset - _ranges[^1].End <= MergeGap)
+        {
+            _ranges[^1] = _ranges[^1] with { Length = offset + length - _ranges[^1].Offset };
+            return;
+        }
+
+        _ranges.Add(new ByteRange(offset, length));
+        if (_ranges.Count >= MaxRanges)
+        {
+            Coarsen();
+        }
+    }
+
+    /// <summary>Doubles the merge gap and merges over it until at most half the limit remain (at most 63 passes).</summary>
+    private void Coarsen()
+    {
+        while (_ranges.Count > MaxRanges / 2)
+        {
+            MergeGap = MergeGap == 0 ? 4096 : MergeGap > long.MaxValue / 2 ? long.MaxValue : MergeGap * 2;
+            var kept = 0;
+            for (var i = 1; i < _ranges.Count; i++)
+            {
+                if (_ranges[i].Offset - _ranges[kept].End <= MergeGap)
+                {
+                    _ranges[kept] = _ranges[kept] with { Length = _ranges[i].End - _ranges[kept].Offset };
+                }
+                else
+                {
+                    _ranges[++kept] = _ranges[i];
+                }
+            }
+
+            _ranges.RemoveRange(kept + 1, _ranges.Count - kept - 1);
+        }
+    }
+}
