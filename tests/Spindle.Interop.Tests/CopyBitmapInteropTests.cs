@@ -31,6 +31,10 @@ public sealed class CopyBitmapInteropTests
     {
         using var directory = new TempDirectory();
         var (image, backup) = await FullBackupAsync(directory);
+
+        // A second full backup as a qcow2 image (spindle writes into an existing one through its format).
+        var qcow2Backup = directory.File("backup.qcow2");
+        await Qcow2Peers.Img("convert", "-f", "qcow2", "-O", "qcow2", image, qcow2Backup);
         await Qcow2Peers.Io(image, "qcow2", Changes);
 
         // A change on the backup in a range the bitmap says is clean: an incremental copy must not touch it.
@@ -49,8 +53,13 @@ public sealed class CopyBitmapInteropTests
             var copy = await SpindleProcess.RunAsync("copy", "--json", "--bitmap", Bitmap, qemu.Uri(), backup);
             Assert.True(copy.ExitCode == 0, copy.ToString());
             json = JsonDocument.Parse(copy.StandardOutput).RootElement.Clone();
+            var intoQcow2 = await SpindleProcess.RunAsync("copy", "--json", "--bitmap", Bitmap, qemu.Uri(), qcow2Backup);
+            Assert.True(intoQcow2.ExitCode == 0, intoQcow2.ToString());
+            Assert.Equal("qcow2", JsonDocument.Parse(intoQcow2.StandardOutput).RootElement.GetProperty("destination_info").GetProperty("kind").GetString());
         }
 
+        Assert.True(await Qcow2Peers.Same(image, "qcow2", qcow2Backup, "qcow2"), "the qcow2 backup differs from the image");
+        await Qcow2Peers.AssertClean(qcow2Backup);
         Assert.Equal(Context, json.GetProperty("bitmap").GetString());
         Assert.Equal(dirty.Sum(range => range.Length), json.GetProperty("dirty_bytes").GetInt64());
         Assert.Equal(dirty.Sum(range => range.Length), json.GetProperty("bytes").GetInt64());
