@@ -73,6 +73,9 @@ public sealed class CopyBitmapTests
         Assert.DoesNotContain(reads, read => read.Offset < ZeroedAt + ZeroedLength && read.Offset + read.Length > ZeroedAt);
         Assert.True(reads.Sum(read => read.Length) <= dirty.Sum(range => range.Length) - ZeroedLength);
 
+        // One allocation answer serves several nearby dirty ranges: fewer questions than ranges.
+        Assert.True(device.AllocationQueries < dirty.Count, $"{device.AllocationQueries} base:allocation queries for {dirty.Count} dirty ranges");
+
         // The destination is the source again, except the marker in the clean range.
         var expected = new byte[Size];
         await inner.ReadAsync(0, expected, TestContext.Current.CancellationToken);
@@ -165,10 +168,14 @@ public sealed class CopyBitmapTests
         private readonly SortedSet<long> _dirty = [];
         private readonly List<(long Offset, long Length)> _reads = [];
         private readonly List<(long Offset, long Length)> _writes = [];
+        private int _allocationQueries;
 
         public override long Size => inner.Size;
 
         public override BlockDeviceFeatures Features => inner.Features;
+
+        /// <summary>base:allocation questions the server passed on (BLOCK_STATUS for that context).</summary>
+        public int AllocationQueries => Volatile.Read(ref _allocationQueries);
 
         public override IReadOnlyList<MetaContextSource> MetaContexts => [new Context(this, name, granularity, extentsPerAnswer)];
 
@@ -211,6 +218,7 @@ public sealed class CopyBitmapTests
             {
                 _reads.Clear();
                 _writes.Clear();
+                _allocationQueries = 0;
             }
         }
 
@@ -266,8 +274,11 @@ public sealed class CopyBitmapTests
         public override ValueTask WriteZeroesAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken) =>
             inner.WriteZeroesAsync(offset, length, flags, cancellationToken);
 
-        public override ValueTask GetExtentsAsync(long offset, long length, ExtentList extents, CancellationToken cancellationToken) =>
-            inner.GetExtentsAsync(offset, length, extents, cancellationToken);
+        public override ValueTask GetExtentsAsync(long offset, long length, ExtentList extents, CancellationToken cancellationToken)
+        {
+            Interlocked.Increment(ref _allocationQueries);
+            return inner.GetExtentsAsync(offset, length, extents, cancellationToken);
+        }
 
         protected override ValueTask DisposeAsyncCore() => inner.DisposeAsync();
 

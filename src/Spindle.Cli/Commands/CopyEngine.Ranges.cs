@@ -7,6 +7,12 @@ namespace Spindle.Cli.Commands;
 /// <summary>Copying only some ranges of the source (<see cref="CopySettings.Ranges"/>: an incremental backup).</summary>
 internal sealed partial class CopyEngine
 {
+    /// <summary>
+    /// Bytes of allocation asked for at once when copying ranges: 64 MiB, so that one answer (at most
+    /// <see cref="ExtentBatch"/> extents) serves the small ranges near each other.
+    /// </summary>
+    private const long AllocationLookahead = 64L << 20;
+
     private IReadOnlyList<ByteRange>? _aligned;
 
     /// <summary>What every request must be a multiple of: the larger of the two ends' minimum block sizes.</summary>
@@ -60,16 +66,67 @@ internal sealed partial class CopyEngine
 
     /// <summary>
     /// The runs of each selected range in turn, with gaps between them: inside a range the source's allocation still
-    /// says which bytes are zeroes (written as WRITE_ZEROES or a punched hole, not read).
+    /// says which bytes are zeroes (written as WRITE_ZEROES or a punched hole, not read). The allocation is asked for
+    /// at least <see cref="AllocationLookahead"/> bytes at a time and the answer kept for the ranges that follow, so a
+    /// bitmap of many small ranges costs a few BLOCK_STATUS round trips, not one per range.
     /// </summary>
     private async IAsyncEnumerable<SourceRun> SelectedRunsAsync(long size, [EnumeratorCancellation] CancellationToken cancellationToken)
     {
-        var extents = new ExtentList(ExtentBatch);
-        foreach (var range in AlignedRanges())
+        var ranges = AlignedRanges();
+        if (!settings.UseExtents || (source.Features & BlockDeviceFeatures.Extents) == 0)
         {
-            await foreach (var run in RangeRunsAsync(range.Offset, Math.Min(range.End, size), extents, cancellationToken).ConfigureAwait(false))
+            foreach (var range in ranges)
             {
-                yield return run;
+                yield return new SourceRun(range.Offset, Math.Min(range.End, size) - range.Offset, false);
+            }
+
+            yield break;
+        }
+
+        var extents = new ExtentList(ExtentBatch);
+        var window = new List<SourceRun>(ExtentBatch);
+        var windowEnd = 0L;
+        var index = 0;
+        foreach (var range in ranges)
+        {
+            // Bounded: each pass yields at least one byte, or asks the source, which describes at least one byte or
+            // none (then the rest of the range is data).
+            var position = range.Offset;
+            var end = Math.Min(range.End, size);
+            while (position < end)
+            {
+                if (position >= windowEnd)
+                {
+                    var askEnd = Math.Max(end, Math.Min(size, position + AllocationLookahead));
+                    extents.Clear(ExtentBatch);
+                    await source.GetExtentsAsync(position, askEnd - position, extents, cancellationToken).ConfigureAwait(false);
+                    window.Clear();
+                    index = 0;
+                    windowEnd = position;
+                    for (var i = 0; i < extents.Count && windowEnd < askEnd; i++)
+                    {
+                        var length = Math.Min(extents[i].Length, askEnd - windowEnd);
+                        window.Add(new SourceRun(windowEnd, length, (extents[i].Flags & AllocationFlags.Zero) != 0));
+                        windowEnd += length;
+                    }
+
+                    if (window.Count == 0)
+                    {
+                        // Nothing reported: the rest of the range is data (always safe).
+                        yield return new SourceRun(position, end - position, false);
+                        break;
+                    }
+                }
+
+                while (window[index].Offset + window[index].Length <= position)
+                {
+                    index++;
+                }
+
+                var run = window[index];
+                var runEnd = Math.Min(run.Offset + run.Length, end);
+                yield return new SourceRun(position, runEnd - position, run.Zero);
+                position = runEnd;
             }
         }
     }
