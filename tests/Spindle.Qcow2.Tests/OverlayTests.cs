@@ -105,6 +105,15 @@ public sealed class OverlayTests
         await Qemu.Img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.img", "-F", "raw", dangling, "8M");
         Assert.Contains("does not exist", Assert.Throws<Qcow2FormatException>(() => Qcow2Overlay.OpenOrCreate(dangling, basePath, null, out _)).Message, StringComparison.Ordinal);
 
+        // A damaged header (the magic, then garbage) is refused as bad input, and left as it was.
+        var damaged = directory.File("damaged.qcow2");
+        var garbage = new byte[4096];
+        new Random(17).NextBytes(garbage);
+        new byte[] { 0x51, 0x46, 0x49, 0xfb }.CopyTo(garbage, 0); // "QFI\xfb"
+        await File.WriteAllBytesAsync(damaged, garbage);
+        Assert.Throws<Qcow2FormatException>(() => Qcow2Overlay.OpenOrCreate(damaged, basePath, null, out _));
+        Assert.Equal(garbage, await File.ReadAllBytesAsync(damaged));
+
         // A read-only overlay is never created.
         Assert.Throws<FileNotFoundException>(() => Qcow2Overlay.OpenOrCreate(directory.File("new.qcow2"), basePath, new Qcow2OverlayOptions { ReadOnly = true }, out _));
         Assert.False(File.Exists(directory.File("new.qcow2")));
