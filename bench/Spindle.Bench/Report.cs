@@ -68,8 +68,10 @@ internal static partial class Report
         Line();
         Line("Layer rows: `spindle serve --cow` (a temporary overlay on the raw image, fresh for every run), `--bitmap bench`");
         Line("(a persistent dirty bitmap, 64 KiB granularity, on a copy of the raw image whose bitmap is deleted with every");
-        Line("fresh copy, so each write run starts all clean and pays the first write to each region), and both, each");
-        Line("compared with the plain `spindle` row of the same run. Only the five workloads where a layer could cost are run.");
+        Line("fresh copy, so each write run starts all clean and pays the first write to each region), both, and");
+        Line("`--overlay COPY.overlay.qcow2` (a persistent qcow2 overlay, 64 KiB clusters, made afresh with every copy, so");
+        Line("4k writes allocate clusters and copy the rest of each up from the base), each compared with the plain `spindle`");
+        Line("row of the same run. Only the five workloads where a layer could cost are run.");
         Line();
         Line("- fio workloads: fio's nbd engine (libnbd), one connection per job, 1 s ramp-up excluded; with several jobs a");
         Line("  sequential workload gives each job its own quarter of the image.");

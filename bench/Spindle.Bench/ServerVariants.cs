@@ -143,6 +143,7 @@ internal static class ServerVariants
         ("spindle-cow", "A copy-on-write overlay (--cow) against the plain export", ImageSpec.Raw, ["--cow"]),
         ("spindle-bitmap", "A dirty bitmap (--bitmap) against the plain export", LayerImages.Bitmap, ["--bitmap", "bench"]),
         ("spindle-cow-bitmap", "A dirty bitmap over an overlay against the plain export", LayerImages.Bitmap, ["--cow", "--bitmap", "bench"]),
+        ("spindle-overlay", "A persistent qcow2 overlay (--overlay) against the plain export", LayerImages.Bitmap, ["--overlay", SpindleServer.ImagePlaceholder + ".overlay.qcow2"]),
     ];
 
     /// <summary>Names <c>--servers</c> accepts for several variants at once.</summary>
