@@ -65,6 +65,7 @@ internal static partial class CopyCommand
         var bitmap = new Option<string?>("--bitmap", "-B")
         {
             Description = "Copy only the ranges the source's dirty bitmap NAME (qemu:dirty-bitmap:NAME) marks dirty, onto the existing copy DESTINATION of the same size.",
+            HelpName = "NAME",
         };
         var deadTimeout = ClientCommandSupport.DeadTimeoutOption();
         var command = new Command("copy", Examples)
