@@ -50,12 +50,28 @@ internal sealed record CopySettings
 
     /// <summary>Zero runs are sent in requests of at most this many bytes. Default: 1 GiB.</summary>
     public long MaxZeroRequest { get; set; } = 1L << 30;
+
+    /// <summary>
+    /// Copy only these ranges of the source (in order, not overlapping: the dirty ranges of a bitmap); everything
+    /// else on the destination is left as it is. Default: null, the whole source.
+    /// </summary>
+    public IReadOnlyList<ByteRange>? Ranges { get; set; }
+}
+
+/// <summary>A range of bytes: [<see cref="Offset"/>, <see cref="End"/>).</summary>
+internal readonly record struct ByteRange(long Offset, long Length)
+{
+    public long End => Offset + Length;
 }
 
 /// <summary>A run of the source: data to copy, or bytes known to read as zeroes.</summary>
 internal readonly record struct SourceRun(long Offset, long Length, bool Zero);
 
 /// <summary>What a copy did.</summary>
+/// <remarks>
+/// <see cref="Size"/> is what was dealt with: the whole source, or with <see cref="CopySettings.Ranges"/> the ranges
+/// once rounded out to the block size both ends accept.
+/// </remarks>
 internal sealed record CopyResult(long Size, TimeSpan Elapsed, long DataBytes, long ZeroedBytes, long SkippedBytes, int Workers, int RequestSize)
 {
     public double BytesPerSecond => Elapsed.TotalSeconds > 0 ? Size / Elapsed.TotalSeconds : 0;
@@ -75,7 +91,7 @@ internal sealed record CopyResult(long Size, TimeSpan Elapsed, long DataBytes, l
 /// <see cref="BlockDevice.MaxConcurrentWrites"/>, zeroing through WRITE_ZEROES only where the destination declares
 /// it, and a flush at the end only where it declares one.
 /// </remarks>
-internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, CopySettings settings)
+internal sealed partial class CopyEngine(BlockDevice source, BlockDevice destination, CopySettings settings)
 {
     /// <summary>Extents asked for at once; a source answers for as much of the rest as fits.</summary>
     private const int ExtentBatch = 4096;
@@ -100,7 +116,7 @@ internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, Co
 
         var sourceSizes = source.BlockSizes ?? BlockSizeConstraints.Default;
         var destinationSizes = destination.BlockSizes ?? BlockSizeConstraints.Default;
-        var alignment = (int)Math.Max(sourceSizes.Minimum, destinationSizes.Minimum);
+        var alignment = Alignment;
         var maxRequest = (int)Math.Min(Math.Min(sourceSizes.Maximum, destinationSizes.Maximum), int.MaxValue);
         var requestSize = Math.Clamp(settings.RequestSize, alignment, Math.Max(alignment, maxRequest)) / alignment * alignment;
         var sparse = settings.SparseSize <= 0 || settings.Allocated ? 0 : RoundUp(Math.Max(settings.SparseSize, (int)destinationSizes.Minimum), alignment);
@@ -134,7 +150,7 @@ internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, Co
         }
 
         watch.Stop();
-        return new CopyResult(size, watch.Elapsed, _dataBytes, _zeroedBytes, _skippedBytes, workers, requestSize);
+        return new CopyResult(TotalBytes, watch.Elapsed, _dataBytes, _zeroedBytes, _skippedBytes, workers, requestSize);
     }
 
     private static async Task<Exception?> WhenAllOrFirstFailure(List<Task> tasks, CancellationTokenSource failed)
@@ -169,6 +185,7 @@ internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, Co
         {
             long dataStart = 0;
             long dataEnd = 0;
+            long previousEnd = 0;
             async ValueTask EmitData(long end, bool all)
             {
                 while (end - dataStart >= requestSize || (all && end > dataStart))
@@ -182,6 +199,14 @@ internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, Co
             await foreach (var run in RunsAsync(size, cancellationToken).ConfigureAwait(false))
             {
                 var end = Math.Min(run.Offset + run.Length, size);
+                if (run.Offset > previousEnd)
+                {
+                    // A gap (only with CopySettings.Ranges, which are aligned): the data before it goes out as it is.
+                    await EmitData(previousEnd, all: true).ConfigureAwait(false);
+                    dataStart = dataEnd = run.Offset;
+                }
+
+                previousEnd = end;
                 if (run.Zero)
                 {
                     var zeroStart = RoundUp(run.Offset, alignment);
@@ -215,8 +240,9 @@ internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, Co
                 }
             }
 
-            // Whatever the runs did not describe (a server that stopped early is asked again by the client) is data.
-            await EmitData(size, all: true).ConfigureAwait(false);
+            // Whatever the runs did not describe (a server that stopped early is asked again by the client) is data;
+            // with ranges, the runs end where the last range does.
+            await EmitData(settings.Ranges is null ? size : previousEnd, all: true).ConfigureAwait(false);
         }
         finally
         {
@@ -319,31 +345,35 @@ internal sealed class CopyEngine(BlockDevice source, BlockDevice destination, Co
     /// with <see cref="AllocationFlags.Zero"/>) means "reads as zeroes"; a hole without it has undefined contents and
     /// is copied as data. Without extents (not asked for, or not offered) everything is data.
     /// </summary>
-    private async IAsyncEnumerable<SourceRun> RunsAsync(long size, [EnumeratorCancellation] CancellationToken cancellationToken)
+    private IAsyncEnumerable<SourceRun> RunsAsync(long size, CancellationToken cancellationToken) =>
+        settings.Ranges is null ? RangeRunsAsync(0, size, new ExtentList(ExtentBatch), cancellationToken) : SelectedRunsAsync(size, cancellationToken);
+
+    /// <summary>The runs of [<paramref name="start"/>, <paramref name="end"/>), asking the source as often as it takes.</summary>
+    private async IAsyncEnumerable<SourceRun> RangeRunsAsync(long start, long end, ExtentList extents, [EnumeratorCancellation] CancellationToken cancellationToken)
     {
         if (!settings.UseExtents || (source.Features & BlockDeviceFeatures.Extents) == 0)
         {
-            yield return new SourceRun(0, size, false);
+            yield return new SourceRun(start, end - start, false);
             yield break;
         }
 
-        var extents = new ExtentList(ExtentBatch);
-        var position = 0L;
-        while (position < size)
+        // Bounded: each answer describes at least one byte more, or the rest is taken as data.
+        var position = start;
+        while (position < end)
         {
             extents.Clear(ExtentBatch);
-            await source.GetExtentsAsync(position, size - position, extents, cancellationToken).ConfigureAwait(false);
+            await source.GetExtentsAsync(position, end - position, extents, cancellationToken).ConfigureAwait(false);
             if (extents.Count == 0)
             {
                 // Nothing reported: the rest is data (always safe).
-                yield return new SourceRun(position, size - position, false);
+                yield return new SourceRun(position, end - position, false);
                 yield break;
             }
 
-            for (var i = 0; i < extents.Count && position < size; i++)
+            for (var i = 0; i < extents.Count && position < end; i++)
             {
                 var extent = extents[i];
-                var length = Math.Min(extent.Length, size - position);
+                var length = Math.Min(extent.Length, end - position);
                 yield return new SourceRun(position, length, (extent.Flags & AllocationFlags.Zero) != 0);
                 position += length;
             }

@@ -19,6 +19,11 @@ internal sealed class LayerOptions
         Description = "Like --cow, but each connection has its own overlay, discarded when it disconnects (nbd-server's copyonwrite).",
     };
 
+    private readonly Option<string?> _overlay = new("--overlay")
+    {
+        Description = "Keep writes in this qcow2 file, with IMAGE (opened read-only) as its backing file: created when missing, kept across restarts, usable with qemu-img commit and rebase.",
+    };
+
     private readonly Option<string?> _cowDir = new("--cow-dir") { Description = "Where overlay files go [default: $TMPDIR or /tmp]." };
 
     private readonly Option<int?> _partition = new("--partition") { Description = "Serve partition N (1-4 of an MBR, any of a GPT) of IMAGE." };
@@ -59,6 +64,7 @@ internal sealed class LayerOptions
         command.Options.Add(_cow);
         command.Options.Add(_cowPerConnection);
         command.Options.Add(_cowDir);
+        command.Options.Add(_overlay);
         command.Options.Add(_partition);
         command.Options.Add(_offset);
         command.Options.Add(_size);
@@ -83,6 +89,7 @@ internal sealed class LayerOptions
             ErrorCommands = parse.GetValue(_errorCommands) is { } commands ? LayerSettings.ParseCommands(commands, "--error-commands") : Spindle.Storage.Layers.FilterCommands.All,
             ErrorSeed = parse.GetValue(_errorSeed),
             LogRequests = parse.GetValue(_logRequests),
+            Overlay = parse.GetValue(_overlay),
         };
         if (settings.IsEmpty && settings.CowDirectory is null && settings.RateBurst is null)
         {
@@ -114,6 +121,7 @@ internal sealed class LayerOptions
         layers.ErrorCommands = settings.ErrorCommands;
         layers.ErrorSeed = settings.ErrorSeed;
         layers.LogRequests = settings.LogRequests;
+        layers.Overlay = settings.Overlay;
     }
 
     private static long Positive(long value, string option) =>

@@ -445,6 +445,9 @@ public static class IniConfigurationReader
             case "log_requests":
                 export.Layers.LogRequests = value;
                 break;
+            case "overlay":
+                export.Layers.Overlay = value;
+                break;
             case "force_tls":
                 options.Tls = ParseBool(value, where, key) ? TlsMode.Require : null;
                 break;
