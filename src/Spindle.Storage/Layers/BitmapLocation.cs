@@ -63,6 +63,20 @@ public sealed record BitmapLocation(string Directory, string Key)
         return names;
     }
 
+    /// <summary>Whether <paramref name="path"/> is a block device (false when it cannot be opened to tell).</summary>
+    public static bool IsBlockDevice(string path)
+    {
+        try
+        {
+            using var handle = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            return Native.LinuxFile.IsBlockDevice(handle);
+        }
+        catch (Exception exception) when (exception is IOException or UnauthorizedAccessException)
+        {
+            return false;
+        }
+    }
+
     private static string Resolve(string path)
     {
         try

@@ -34,16 +34,30 @@ public sealed partial class FileBitmapStore : DirtyBitmapStore
 
     public override long ImageSize => _header.ImageSize;
 
+    /// <summary>Whether a running server holds the file (known for a store opened read-only; false for a locked one).</summary>
+    public bool InUse { get; private init; }
+
     /// <summary>
-    /// Opens and locks an existing bitmap file. A file that is not a well-formed bitmap, or one a running server holds,
-    /// is refused with an <see cref="InvalidDataException"/> or <see cref="BitmapInUseException"/> that says why.
+    /// Opens an existing bitmap file, and locks it unless only reading (<c>spindle bitmap list</c>, which may look at a
+    /// bitmap a server holds: every acknowledged bit is on disk). A file that is not a well-formed bitmap, or one a
+    /// running server holds, is refused with an <see cref="InvalidDataException"/> or <see cref="BitmapInUseException"/>.
     /// </summary>
     public static FileBitmapStore Open(string path, bool writable = true)
     {
         var handle = File.OpenHandle(path, FileMode.Open, writable ? FileAccess.ReadWrite : FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
         try
         {
-            Lock(handle, path);
+            var inUse = false;
+            if (writable)
+            {
+                Lock(handle, path);
+            }
+            else
+            {
+                var type = WriteLock;
+                inUse = LinuxFile.OfdLock(handle, test: true, ref type, 0, 1) == 0 && type != 2;
+            }
+
             var page = new byte[BitmapFileHeader.Size];
             var read = RandomAccess.Read(handle, page, 0);
             if (!BitmapFileHeader.TryParse(page.AsSpan(0, read), out var header, out var problem))
@@ -57,7 +71,7 @@ public sealed partial class FileBitmapStore : DirtyBitmapStore
                 throw new InvalidDataException($"bitmap file '{path}': {length} bytes, but its bitmap needs {BitmapFileHeader.Size + header.BodyBytes} (the file is truncated)");
             }
 
-            return new FileBitmapStore(path, handle, header);
+            return new FileBitmapStore(path, handle, header) { InUse = inUse };
         }
         catch
         {
@@ -145,11 +159,19 @@ public sealed partial class FileBitmapStore : DirtyBitmapStore
         Sync();
     }
 
-    /// <summary>Removes the file (while still holding its lock, so no server opens it meanwhile) and syncs its directory.</summary>
-    public void Delete()
+    /// <summary>
+    /// Removes a bitmap file unless a server holds it: locked first, so no server opens it meanwhile, and its header
+    /// not read, so a damaged file can be removed too. The directory is synced.
+    /// </summary>
+    public static void Remove(string path)
     {
-        File.Delete(Path);
-        SyncDirectory(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!);
+        using (var handle = File.OpenHandle(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete))
+        {
+            Lock(handle, path);
+            File.Delete(path);
+        }
+
+        SyncDirectory(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
     }
 
     protected override void Dispose(bool disposing)
