@@ -1,6 +1,7 @@
 using Spindle.Storage;
 using Spindle.Storage.Layers;
 using Spindle.Storage.Qcow2;
+using Spindle.Storage.Rbd;
 
 namespace Spindle.Cli.Hosting;
 
@@ -17,19 +18,42 @@ internal static class BitmapLayer
     {
         var layers = definition.Layers;
         var backend = device is LayerDevice layer ? layer.Backend : device;
-        var (path, isBlockDevice) = backend switch
-        {
-            FileBlockDevice file => (file.Path, file.IsBlockDevice),
-            Qcow2Image image => (image.Path, false),
-            _ => throw new ConfigurationException($"{definition.Source}: dirty bitmaps are kept for image files and block devices, not for {backend.Description} (RBD images: not yet)"),
-        };
-
         if (layers.BitmapGranularity is { } wanted && !DirtyBitmapStore.IsValidGranularity(wanted))
         {
             throw new ConfigurationException($"{definition.Source}: the bitmap granularity must be a power of two from 512 bytes to 1 GiB, not {wanted}");
         }
 
+        if (backend is RbdBlockDevice rbd)
+        {
+            if (layers.BitmapDirectory is not null)
+            {
+                throw new ConfigurationException($"{definition.Source}: an RBD image keeps its bitmaps in its own metadata: drop the bitmap directory");
+            }
+
+            return Stack(definition, device, name => rbd.OpenBitmap(name, layers.BitmapGranularity ?? DefaultGranularity, device.Size));
+        }
+
+        var (path, isBlockDevice) = backend switch
+        {
+            FileBlockDevice file => (file.Path, file.IsBlockDevice),
+            Qcow2Image image => (image.Path, false),
+            _ => throw new ConfigurationException($"{definition.Source}: dirty bitmaps are kept for image files, block devices and RBD images, not for {backend.Description}"),
+        };
+
         var location = Locate(path, isBlockDevice, layers.BitmapDirectory, definition.Source);
+        return Stack(definition, device, name =>
+        {
+            var file = location.PathOf(name);
+            return File.Exists(file)
+                ? OpenExisting(file, definition.Source)
+                : FileBitmapStore.Create(file, name, layers.BitmapGranularity ?? DefaultGranularity, device.Size);
+        });
+    }
+
+    /// <summary>Opens each bitmap of the export through <paramref name="open"/> and stacks them on <paramref name="device"/>.</summary>
+    private static DirtyBitmapDevice Stack(ExportDefinition definition, BlockDevice device, Func<string, DirtyBitmapStore> open)
+    {
+        var layers = definition.Layers;
         var bitmaps = new List<DirtyBitmap>();
         try
         {
@@ -45,15 +69,12 @@ internal static class BitmapLayer
                     throw new ConfigurationException($"{definition.Source}: bitmap '{name}' is given twice");
                 }
 
-                var file = location.PathOf(name);
-                var store = File.Exists(file)
-                    ? OpenExisting(file, definition.Source)
-                    : FileBitmapStore.Create(file, name, layers.BitmapGranularity ?? DefaultGranularity, device.Size);
+                var store = open(name);
                 try
                 {
                     if (layers.BitmapGranularity is { } granularity && granularity != store.Granularity)
                     {
-                        throw new ConfigurationException($"{definition.Source}: bitmap '{name}' ({file}) has granularity {store.Granularity}, not {granularity}; drop the granularity or remove the bitmap first (spindle bitmap remove)");
+                        throw new ConfigurationException($"{definition.Source}: bitmap '{name}' has granularity {store.Granularity}, not {granularity}; drop the granularity or remove the bitmap first (spindle bitmap remove)");
                     }
 
                     bitmaps.Add(new DirtyBitmap(store));
@@ -74,7 +95,7 @@ internal static class BitmapLayer
                 bitmap.Dispose();
             }
 
-            if (exception is InvalidDataException or IOException or UnauthorizedAccessException or ArgumentException)
+            if (exception is InvalidDataException or IOException or UnauthorizedAccessException or ArgumentException or BlockDeviceException)
             {
                 throw new ConfigurationException($"{definition.Source}: {exception.Message}", exception);
             }

@@ -87,7 +87,7 @@ public sealed class DirtyBitmapDevice : LayerDevice
 
     protected override async ValueTask DisposeAsyncCore()
     {
-        await base.DisposeAsyncCore().ConfigureAwait(false);
+        // The bitmaps first: their last commit round may still use the device below (an RBD image's metadata).
         if (_ownsBitmaps)
         {
             foreach (var bitmap in _bitmaps)
@@ -95,6 +95,8 @@ public sealed class DirtyBitmapDevice : LayerDevice
                 bitmap.Dispose();
             }
         }
+
+        await base.DisposeAsyncCore().ConfigureAwait(false);
     }
 
     private bool IsDurable(long offset, long length)
