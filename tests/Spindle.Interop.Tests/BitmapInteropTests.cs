@@ -72,7 +72,7 @@ public sealed class BitmapInteropTests(ITestOutputHelper output)
         const long granularity = 64 * Ki;
         var image = directory.CreateSparseFile("disk.img", size);
         var random = new Random(Environment.TickCount);
-        int kills = 0, acknowledged = 0, granulesChecked = 0, missing = 0;
+        int kills = 0, acknowledged = 0, granulesChecked = 0, missing = 0, rangesMapped = 0;
         for (var round = 0; round < 5; round++)
         {
             var lines = new ConcurrentQueue<string>();
@@ -112,6 +112,17 @@ public sealed class BitmapInteropTests(ITestOutputHelper output)
                 }
             }
 
+            // A restarted server maps what the crash left: every acknowledged range inside a dirty run.
+            await using (var restarted = await SpindleProcess.StartAsync("serve", "-r", "--bitmap", "k2", "--bind", "127.0.0.1", "--port", "0", "--print-uri", image))
+            {
+                var runs = await DirtyRunsAsync("nbdinfo", restarted.Uri!, "k2");
+                foreach (var (offset, length) in acks)
+                {
+                    rangesMapped++;
+                    Assert.Contains(runs, run => run.Offset <= offset && offset + length <= run.Offset + run.Length);
+                }
+            }
+
             // The management commands read what the crash left; every other round starts clean again.
             var list = await ListAsync(image);
             Assert.All(list, row => Assert.True(row.GetProperty("dirty_bytes").GetInt64() > 0));
@@ -122,8 +133,8 @@ public sealed class BitmapInteropTests(ITestOutputHelper output)
         }
 
         Assert.Equal(0, missing);
-        output.WriteLine($"bitmap kill test: {kills} kills, {acknowledged} acknowledged writes/zeroes/trims checked, {granulesChecked} granules verified dirty, {missing} missing");
-        Console.WriteLine($"BITMAP-KILL kills={kills} acknowledged={acknowledged} granules={granulesChecked} missing={missing}");
+        output.WriteLine($"bitmap kill test: {kills} kills, {acknowledged} acknowledged writes/zeroes/trims checked, {granulesChecked} granules verified dirty in the files, {rangesMapped} ranges found dirty by nbdinfo after a restart, {missing} missing");
+        Console.WriteLine($"BITMAP-KILL kills={kills} acknowledged={acknowledged} granules={granulesChecked} mapped={rangesMapped} missing={missing}");
     }
 
     [Fact]
@@ -275,6 +286,36 @@ public sealed class BitmapInteropTests(ITestOutputHelper output)
         Assert.Equal(16 * Mi, partition.GetProperty("image_size").GetInt64()); // the bitmap covers the partition
         var whole = await SpindleProcess.RunAsync("serve", "--bitmap", "p", "--port", "0", disk);
         Assert.Equal(1, whole.ExitCode); // the export cannot be opened // the partition's bitmap does not describe the whole disk
+    }
+
+    [Fact]
+    public async Task A_block_device_keeps_its_bitmaps_in_the_state_directory()
+    {
+        using var directory = new TempDirectory();
+        var backing = directory.CreateSparseFile("backing.img", 16 * Mi);
+        var state = Directory.CreateDirectory(directory.File("state")).FullName;
+        var device = (await PeerTool.RunCheckedAsync("losetup", ["--find", "--show", backing])).StandardOutput.Trim();
+        try
+        {
+            await using (var spindle = await SpindleProcess.StartAsync("serve", "--bitmap", "d", "--bitmap-dir", state, "--bind", "127.0.0.1", "--port", "0", "--print-uri", device))
+            {
+                await PeerTool.RunCheckedAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x6 5M 4k", "-c", "discard 9M 128k", spindle.Uri!]);
+                Assert.Equal([(5 * Mi, 64 * Ki), (9 * Mi, 128 * Ki)], await DirtyRunsAsync("nbdinfo", spindle.Uri!, "d"));
+                Assert.Equal(0, await spindle.StopAsync());
+            }
+
+            // Keyed by the device's /dev/disk/by-id name, or its escaped path where it has none; never beside it.
+            var file = Path.GetFileName(Assert.Single(Directory.GetFiles(state)));
+            Assert.EndsWith(".d.spindle-bitmap", file, StringComparison.Ordinal);
+            var row = Assert.Single(await ListAsync(device, "--bitmap-dir", state));
+            Assert.Equal(192 * Ki, row.GetProperty("dirty_bytes").GetInt64());
+            Assert.Equal(0, (await SpindleProcess.RunAsync("bitmap", "remove", "--bitmap-dir", state, device, "d")).ExitCode);
+            Assert.Empty(Directory.GetFiles(state));
+        }
+        finally
+        {
+            await PeerTool.RunAsync("losetup", ["-d", device]);
+        }
     }
 
     /// <summary>The dirty runs of qemu:dirty-bitmap:NAME as nbdinfo or spindle info maps them.</summary>
