@@ -68,6 +68,8 @@ internal sealed record BenchOptions(string RepositoryRoot, int Rounds, TimeSpan 
                                   qcow2 ({string.Join(',', ServerVariants.Groups[ServerVariants.Qcow2])}:
                                   a fully and a half allocated qcow2 image, the 4 workloads {string.Join(',', ServerVariants.Qcow2Workloads)},
                                   each server on its own copy, renewed for every write run and checked by qemu-img check after it)
+                                  layers ({string.Join(',', ServerVariants.Groups[ServerVariants.Layers])}:
+                                  a temporary overlay, a dirty bitmap, both, and a persistent qcow2 overlay against the plain export, the 5 workloads {string.Join(',', ServerVariants.LayerWorkloads)})
                           spindle-baseline runs when {ServerVariants.BaselineVariable} names a spindle executable.
                           The default is peers (and the baseline when set): the qcow2 rows add about 13 minutes, so they run
                           when named: --servers qcow2 --output docs/performance-qcow2.md (alone: about 15 minutes), or

@@ -49,6 +49,7 @@ internal static partial class Report
         Line("bench/run --workloads copy-to-null,copy-to-file --servers spindle   # spindle copy against nbdcopy");
         Line("bench/run --servers qcow2 --output docs/performance-qcow2.md    # the qcow2 rows (issue 13), not in the default run");
         Line("bench/run --servers peers,qcow2                                 # every row in one report");
+        Line("bench/run --servers layers --output docs/performance-layers.md  # overlay and bitmap rows (issue 14), not in the default run");
         Line("```");
         Line();
         Line("Servers: `spindle serve --bind 127.0.0.1 --quiet IMAGE`; `nbdkit --foreground file IMAGE`; nbd-server 3.24 with");
@@ -64,6 +65,13 @@ internal static partial class Report
         Line("image allocate clusters as they would in a new image, and the copy is checked with `qemu-img check` after it");
         Line("(a corruption ends the benchmark; the servers are killed, so leaked clusters are allowed). Only the four");
         Line("workloads issue 13's targets name are run.");
+        Line();
+        Line("Layer rows: `spindle serve --cow` (a temporary overlay on the raw image, fresh for every run), `--bitmap bench`");
+        Line("(a persistent dirty bitmap, 64 KiB granularity, on a copy of the raw image whose bitmap is deleted with every");
+        Line("fresh copy, so each write run starts all clean and pays the first write to each region), both, and");
+        Line("`--overlay COPY.overlay.qcow2` (a persistent qcow2 overlay, 64 KiB clusters, made afresh with every copy, so");
+        Line("4k writes allocate clusters and copy the rest of each up from the base), each compared with the plain `spindle`");
+        Line("row of the same run. Only the five workloads where a layer could cost are run.");
         Line();
         Line("- fio workloads: fio's nbd engine (libnbd), one connection per job, 1 s ramp-up excluded; with several jobs a");
         Line("  sequential workload gives each job its own quarter of the image.");

@@ -23,6 +23,7 @@ internal sealed class ServedImages(string work, IReadOnlyDictionary<string, stri
         if (!File.Exists(copy))
         {
             File.Copy(image, copy);
+            variant.Image.Renewed?.Invoke(copy);
         }
 
         return copy;
@@ -42,6 +43,7 @@ internal sealed class ServedImages(string work, IReadOnlyDictionary<string, stri
 
         await server.StopAsync();
         File.Copy(prepared[variant.Image.Key], CopyPath(server), overwrite: true);
+        variant.Image.Renewed?.Invoke(CopyPath(server));
     }
 
     /// <summary>

@@ -64,6 +64,9 @@ internal sealed record ImageSpec(string Key, Func<string, string, Task<string>> 
     /// </summary>
     public bool CopyPerServer { get; init; }
 
+    /// <summary>Called with the path of a server's copy each time it is made or renewed (before the server starts on it). Null: nothing to do.</summary>
+    public Action<string>? Renewed { get; init; }
+
     /// <summary>Checks a server's copy after a run that wrote and returns a verdict for the console; throws when the image is damaged. Null: no check.</summary>
     public Func<string, Task<string>>? CheckAsync { get; init; }
 }
@@ -96,9 +99,8 @@ internal sealed record Comparison(string Name, string Title, string Subject, IRe
 /// <c>spindle-qcow2</c> and <c>qemu-nbd-qcow2</c> on a fully allocated qcow2 image, <c>spindle-qcow2-half</c> and
 /// <c>qemu-nbd-qcow2-half</c> on a half allocated one (<see cref="Qcow2Images"/>), each limited to the four workloads
 /// issue 13's targets name, with a comparison per image. An export with an overlay or a dirty bitmap against the
-/// plain one (issue 14) would be another: a variant with its own <see cref="ImageSpec"/> (e.g. one that creates the
-/// overlay) and its extra <c>spindle serve</c> arguments, and a comparison whose subject is that variant and whose
-/// reference is "spindle".
+/// plain one (issue 14) is another: variants with extra <c>spindle serve</c> arguments (<see cref="LayerImages"/> for
+/// the bitmap's own copy) and a comparison each whose subject is the variant and whose reference is "spindle".
 /// </remarks>
 internal static class ServerVariants
 {
@@ -125,11 +127,31 @@ internal static class ServerVariants
     /// </summary>
     public static readonly IReadOnlySet<string> Qcow2Workloads = new HashSet<string>(StringComparer.Ordinal) { "randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8" };
 
+    /// <summary>The comparisons of a layered export against the plain one (issue 14), one per variant.</summary>
+    public const string Layers = "layers";
+
+    /// <summary>
+    /// The workloads of the layer rows: where a layer could cost something. Random 4k reads and writes at QD32 (the
+    /// per-request cost: an overlay's map lookup, a bitmap's bit test), 1M sequential reads and writes (the copy
+    /// paths), and 4k reads at QD1 (latency added to one request).
+    /// </summary>
+    public static readonly IReadOnlySet<string> LayerWorkloads = new HashSet<string>(StringComparer.Ordinal) { "randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8", "randread-4k-qd1" };
+
+    /// <summary>The layered variants and the <c>spindle serve</c> arguments that make them.</summary>
+    private static readonly (string Name, string Title, ImageSpec Image, string[] Arguments)[] LayerVariants =
+    [
+        ("spindle-cow", "A copy-on-write overlay (--cow) against the plain export", ImageSpec.Raw, ["--cow"]),
+        ("spindle-bitmap", "A dirty bitmap (--bitmap) against the plain export", LayerImages.Bitmap, ["--bitmap", "bench"]),
+        ("spindle-cow-bitmap", "A dirty bitmap over an overlay against the plain export", LayerImages.Bitmap, ["--cow", "--bitmap", "bench"]),
+        ("spindle-overlay", "A persistent qcow2 overlay (--overlay) against the plain export", LayerImages.Bitmap, ["--overlay", SpindleServer.ImagePlaceholder + ".overlay.qcow2"]),
+    ];
+
     /// <summary>Names <c>--servers</c> accepts for several variants at once.</summary>
     public static readonly IReadOnlyDictionary<string, IReadOnlyList<string>> Groups = new Dictionary<string, IReadOnlyList<string>>(StringComparer.Ordinal)
     {
         [Peers] = [Spindle, "nbdkit", "nbd-server", "qemu-nbd"],
         [Qcow2] = ["spindle-qcow2", "qemu-nbd-qcow2", "spindle-qcow2-half", "qemu-nbd-qcow2-half"],
+        [Layers] = [Spindle, .. LayerVariants.Select(v => v.Name)],
     };
 
     /// <summary>
@@ -147,7 +169,7 @@ internal static class ServerVariants
     }
 
     /// <summary>Every variant's name, for <c>--servers</c> (the baseline only exists when <see cref="BaselineVariable"/> is set).</summary>
-    public static IEnumerable<string> Names => Groups[Peers].Concat(Groups[Qcow2]).Append(Baseline);
+    public static IEnumerable<string> Names => Groups[Peers].Concat(Groups[Qcow2]).Concat(Groups[Layers].Skip(1)).Append(Baseline);
 
     private static string? BaselinePath => Environment.GetEnvironmentVariable(BaselineVariable) is { Length: > 0 } path ? path : null;
 
@@ -163,6 +185,7 @@ internal static class ServerVariants
             new("qemu-nbd-qcow2", Qcow2Images.Full, () => new QemuNbdServer("qemu-nbd-qcow2", "qcow2"), Qcow2Workloads),
             new("spindle-qcow2-half", Qcow2Images.Half, () => new SpindleServer("spindle-qcow2-half", binary, ["--format", "qcow2"]), Qcow2Workloads),
             new("qemu-nbd-qcow2-half", Qcow2Images.Half, () => new QemuNbdServer("qemu-nbd-qcow2-half", "qcow2"), Qcow2Workloads),
+            .. LayerVariants.Select(v => new ServerVariant(v.Name, v.Image, () => new SpindleServer(v.Name, binary, v.Arguments), LayerWorkloads)),
         ];
         if (BaselinePath is { } path)
         {
@@ -178,6 +201,7 @@ internal static class ServerVariants
         new(Peers, "Spindle and its peers, one raw image", Spindle, ["nbdkit", "nbd-server", "qemu-nbd"]),
         new(Qcow2, "A fully allocated qcow2 image: Spindle and qemu-nbd", "spindle-qcow2", ["qemu-nbd-qcow2"]),
         new(Qcow2Half, "A half allocated qcow2 image: Spindle and qemu-nbd", "spindle-qcow2-half", ["qemu-nbd-qcow2-half"]),
+        .. LayerVariants.Select(v => new Comparison(v.Name, v.Title, v.Name, [Spindle])),
         .. BaselinePath is null ? Array.Empty<Comparison>() : [new Comparison(Baseline, $"This build against the baseline ({BaselineVariable})", Spindle, [Baseline])],
     ];
 

@@ -141,10 +141,14 @@ internal abstract class ServerUnderTest(string name) : IAsyncDisposable
 /// </summary>
 internal sealed class SpindleServer(string name, SpindleBinary binary, IReadOnlyList<string>? extraArguments = null) : ServerUnderTest(name)
 {
+    /// <summary>In an extra argument, stands for the path of the image served (a layer's file named after it).</summary>
+    public const string ImagePlaceholder = "{image}";
+
     protected override Process Launch(string image, int port, string workDirectory)
     {
         Version = $"{binary.Version} ({binary.Kind})";
-        return Processes.Start(binary.Path, ["serve", "--bind", "127.0.0.1", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--quiet", .. extraArguments ?? [], image], Path.Combine(workDirectory, Name + ".log"));
+        var extra = (extraArguments ?? []).Select(a => a.Replace(ImagePlaceholder, image, StringComparison.Ordinal));
+        return Processes.Start(binary.Path, ["serve", "--bind", "127.0.0.1", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--quiet", .. extra, image], Path.Combine(workDirectory, Name + ".log"));
     }
 }
 

@@ -19,6 +19,11 @@ internal sealed class LayerOptions
         Description = "Like --cow, but each connection has its own overlay, discarded when it disconnects (nbd-server's copyonwrite).",
     };
 
+    private readonly Option<string?> _overlay = new("--overlay")
+    {
+        Description = "Keep writes in this qcow2 file, with IMAGE (opened read-only) as its backing file: created when missing, kept across restarts, usable with qemu-img commit and rebase.",
+    };
+
     private readonly Option<string?> _cowDir = new("--cow-dir") { Description = "Where overlay files go [default: $TMPDIR or /tmp]." };
 
     private readonly Option<int?> _partition = new("--partition") { Description = "Serve partition N (1-4 of an MBR, any of a GPT) of IMAGE." };
@@ -71,6 +76,7 @@ internal sealed class LayerOptions
         command.Options.Add(_cow);
         command.Options.Add(_cowPerConnection);
         command.Options.Add(_cowDir);
+        command.Options.Add(_overlay);
         command.Options.Add(_partition);
         command.Options.Add(_offset);
         command.Options.Add(_size);
@@ -97,6 +103,7 @@ internal sealed class LayerOptions
             LogRequests = parse.GetValue(_logRequests),
             BitmapGranularity = parse.GetValue(_bitmapGranularity) is { } granularity ? SizeParser.Parse(granularity, "--bitmap-granularity") : null,
             BitmapDirectory = parse.GetValue(_bitmapDir),
+            Overlay = parse.GetValue(_overlay),
         };
         settings.Bitmaps.AddRange(parse.GetValue(_bitmap) ?? []);
         if (settings.IsEmpty && settings.CowDirectory is null && settings.RateBurst is null && settings.BitmapGranularity is null && settings.BitmapDirectory is null)
@@ -133,6 +140,7 @@ internal sealed class LayerOptions
         layers.Bitmaps.AddRange(settings.Bitmaps);
         layers.BitmapGranularity = settings.BitmapGranularity;
         layers.BitmapDirectory = settings.BitmapDirectory;
+        layers.Overlay = settings.Overlay;
     }
 
     private static long Positive(long value, string option) =>

@@ -29,6 +29,7 @@ internal static class ServeCommand
           spindle serve --config /etc/spindle/config  several exports (nbd-server's format; see docs/configuration.md)
           spindle serve --tls-certificates /etc/spindle/tls --tls require disk.img   TLS only
           spindle serve --cow base.img                writes go to a temporary overlay; base.img is never written
+          spindle serve --overlay vm.qcow2 base.img   writes kept in vm.qcow2, a qcow2 overlay of base.img (created if missing)
           spindle serve --partition 2 disk.img        serve partition 2 of an MBR or GPT disk image
           spindle serve --config /etc/spindle/spindle.conf --metrics 127.0.0.1:9100 --control /run/spindle/control.sock
                                                       metrics and status page, live changes with spindle ctl

@@ -457,6 +457,9 @@ public static class IniConfigurationReader
             case "bitmap-dir":
                 export.Layers.BitmapDirectory = value;
                 break;
+            case "overlay":
+                export.Layers.Overlay = value;
+                break;
             case "force_tls":
                 options.Tls = ParseBool(value, where, key) ? TlsMode.Require : null;
                 break;

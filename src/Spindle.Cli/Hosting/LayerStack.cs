@@ -84,14 +84,21 @@ public sealed class LayerSettings
     /// </summary>
     public string? BitmapDirectory { get; set; }
 
+    /// <summary>
+    /// A persistent overlay: this qcow2 file, with the image as its backing file, created when missing and served
+    /// in place of the image (<see cref="PersistentOverlay"/>). Default: null, none.
+    /// </summary>
+    public string? Overlay { get; set; }
+
     /// <summary>Every setting in one string: a reload that changes any of them reopens the export's device.</summary>
     public string Fingerprint => string.Join('|', Cow, CowDirectory, Partition, Offset, Length, Rate, RateBurst, DelayRead, DelayWrite,
         ErrorRate?.ToString(System.Globalization.CultureInfo.InvariantCulture), ErrorCode, ErrorCommands, ErrorSeed, LogRequests,
-        string.Join(',', Bitmaps), BitmapGranularity, BitmapDirectory);
+        string.Join(',', Bitmaps), BitmapGranularity, BitmapDirectory) + "|overlay=" + Overlay;
 
     /// <summary>True when the export has no layer at all.</summary>
     public bool IsEmpty => Cow == CowMode.None && Partition is null && Offset is null && Length is null &&
-        Rate is null && DelayRead is null && DelayWrite is null && ErrorRate is null && LogRequests is null && Bitmaps.Count == 0;
+        Rate is null && DelayRead is null && DelayWrite is null && ErrorRate is null && LogRequests is null &&
+        Overlay is null && Bitmaps.Count == 0;
 
     /// <summary>Parses an errno name (EIO, ENOSPC, EPERM, ENOMEM, EINVAL, EOVERFLOW, ENOTSUP, ESHUTDOWN).</summary>
     public static Spindle.Protocol.NbdError ParseErrno(string text, string where) => text.Trim().ToUpperInvariant() switch
@@ -178,7 +185,8 @@ internal static class LayerStack
         BlockDevice device;
         try
         {
-            device = BackendFactory.Open(definition);
+            // A persistent overlay is a qcow2 image opening the backend (its backing file) read-only itself.
+            device = layers.Overlay is null ? BackendFactory.Open(definition) : PersistentOverlay.Open(definition);
         }
         finally
         {

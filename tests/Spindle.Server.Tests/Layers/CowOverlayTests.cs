@@ -79,6 +79,70 @@ public sealed class CowOverlayTests
         await baseDevice.DisposeAsync();
     }
 
+    /// <summary>
+    /// The connection thread's paths, used as the server uses them (try at once, else the asynchronous path): they
+    /// agree with the model, take what they can (whole blocks, blocks already in the overlay, cached reads) and refuse
+    /// a write that would need a block copied up from the base.
+    /// </summary>
+    [Fact]
+    public async Task Immediate_reads_and_writes_agree_with_the_model_and_refuse_a_copy_up()
+    {
+        using var directory = new TempDirectory();
+        var content = Patterns.Random(Size, seed: 9);
+        var baseDevice = new MemoryBlockDevice(Size);
+        await baseDevice.WriteAsync(0, content, fua: false, CancellationToken.None);
+        var model = (byte[])content.Clone();
+        await using (var overlay = new CowOverlayDevice(baseDevice, directory.Path, ownsBase: false))
+        {
+            // Part of a block still in the base needs the rest of it copied up: not at once.
+            Assert.False(overlay.TryWriteImmediate(overlay.BlockSize + 10, new byte[100]));
+            var (writesAtOnce, writesRefused, readsAtOnce) = (0, 0, 0);
+            var random = new Random(4321);
+            for (var i = 0; i < 400; i++)
+            {
+                var offset = random.Next(4) == 0 ? random.Next(Size / overlay.BlockSize) * overlay.BlockSize : random.Next(Size);
+                var length = random.Next(4) == 0 ? Math.Min(Size - offset, overlay.BlockSize * random.Next(1, 4)) : random.Next(1, Math.Min(Size - offset, 20000) + 1);
+                switch (random.Next(5))
+                {
+                    case 0:
+                    case 1:
+                        var data = Patterns.Random(length, seed: i);
+                        if (overlay.TryWriteImmediate(offset, data))
+                        {
+                            writesAtOnce++;
+                        }
+                        else
+                        {
+                            writesRefused++;
+                            await overlay.WriteAsync(offset, data, fua: false, CancellationToken.None);
+                        }
+
+                        data.CopyTo(model.AsSpan(offset));
+                        break;
+                    case 2:
+                        await overlay.WriteZeroesAsync(offset, length, ZeroFlags.None, CancellationToken.None);
+                        model.AsSpan(offset, length).Clear();
+                        break;
+                    default:
+                        var buffer = new byte[length];
+                        if (overlay.TryReadImmediate(offset, buffer))
+                        {
+                            readsAtOnce++;
+                            Assert.Equal(model.AsSpan(offset, length).ToArray(), buffer);
+                        }
+
+                        break;
+                }
+            }
+
+            Assert.Equal(model, await ReadAllAsync(overlay));
+            Assert.True(writesAtOnce > 0 && writesRefused > 0 && readsAtOnce > 0, $"at once {writesAtOnce}, refused {writesRefused}, reads {readsAtOnce}");
+        }
+
+        Assert.Equal(content, await ReadAllAsync(baseDevice));
+        await baseDevice.DisposeAsync();
+    }
+
     [Fact]
     public async Task Per_connection_overlays_do_not_see_each_other()
     {
