@@ -18,6 +18,7 @@ var root = new RootCommand("Spindle: a network block device server and client sp
     AttachCommand.Create(),
     DetachCommand.Create(),
     CtlCommand.Create(),
+    BitmapCommand.Create(),
 };
 
 // Hidden: the manual pages and bash completion, generated from this tree (scripts/install.sh).

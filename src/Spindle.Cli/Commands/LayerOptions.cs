@@ -50,8 +50,20 @@ internal sealed class LayerOptions
 
     private readonly Option<string?> _logRequests = new("--log-requests") { Description = "Append one line per request to FILE: time, connection, command, offset, length, result, latency." };
 
+    private readonly Option<string[]> _bitmap = new("--bitmap")
+    {
+        Description = "Keep the crash-safe dirty bitmap NAME of every write, zero and trim, offered as qemu:dirty-bitmap:NAME (repeatable; created all clean if missing: the first backup must be full).",
+    };
+
+    private readonly Option<string?> _bitmapGranularity = new("--bitmap-granularity") { Description = "Bytes one bit of a new bitmap covers, a power of two of 512 or more (e.g. 64K) [default: 64K]." };
+
+    private readonly Option<string?> _bitmapDir = new("--bitmap-dir") { Description = "Where bitmap files go [default: beside IMAGE; /var/lib/spindle/bitmaps for a block device]." };
+
     public void AddTo(Command command)
     {
+        command.Options.Add(_bitmap);
+        command.Options.Add(_bitmapGranularity);
+        command.Options.Add(_bitmapDir);
         command.Options.Add(_rate);
         command.Options.Add(_rateBurst);
         command.Options.Add(_delayRead);
@@ -89,9 +101,12 @@ internal sealed class LayerOptions
             ErrorCommands = parse.GetValue(_errorCommands) is { } commands ? LayerSettings.ParseCommands(commands, "--error-commands") : Spindle.Storage.Layers.FilterCommands.All,
             ErrorSeed = parse.GetValue(_errorSeed),
             LogRequests = parse.GetValue(_logRequests),
+            BitmapGranularity = parse.GetValue(_bitmapGranularity) is { } granularity ? SizeParser.Parse(granularity, "--bitmap-granularity") : null,
+            BitmapDirectory = parse.GetValue(_bitmapDir),
             Overlay = parse.GetValue(_overlay),
         };
-        if (settings.IsEmpty && settings.CowDirectory is null && settings.RateBurst is null)
+        settings.Bitmaps.AddRange(parse.GetValue(_bitmap) ?? []);
+        if (settings.IsEmpty && settings.CowDirectory is null && settings.RateBurst is null && settings.BitmapGranularity is null && settings.BitmapDirectory is null)
         {
             return;
         }
@@ -103,7 +118,7 @@ internal sealed class LayerOptions
 
         if (fromConfigFile || configuration.Exports.Count != 1 || configuration.Exports[0].Backend == "directory")
         {
-            throw new ConfigurationException("the layer options (--cow, --partition, --offset, --rate, --error-rate, --log-requests...) apply to one IMAGE or --memory disk (in a configuration file: the layer keys in the export's section, docs/configuration.md)");
+            throw new ConfigurationException("the layer options (--cow, --partition, --offset, --bitmap, --rate, --error-rate, --log-requests...) apply to one IMAGE or --memory disk (in a configuration file: the layer keys in the export's section, docs/configuration.md)");
         }
 
         var layers = configuration.Exports[0].Layers;
@@ -121,6 +136,10 @@ internal sealed class LayerOptions
         layers.ErrorCommands = settings.ErrorCommands;
         layers.ErrorSeed = settings.ErrorSeed;
         layers.LogRequests = settings.LogRequests;
+        layers.Bitmaps.Clear();
+        layers.Bitmaps.AddRange(settings.Bitmaps);
+        layers.BitmapGranularity = settings.BitmapGranularity;
+        layers.BitmapDirectory = settings.BitmapDirectory;
         layers.Overlay = settings.Overlay;
     }
 

@@ -165,7 +165,7 @@ public static class IniConfigurationReader
 
             if (definition.Backend == "directory" && !definition.Layers.IsEmpty)
             {
-                throw new ConfigurationException($"{definition.Source}: directory export [{definition.Options.Name}] cannot have layers (copyonwrite, cow, partition, offset, length, rate, delay_*, error_*, log_requests)");
+                throw new ConfigurationException($"{definition.Source}: directory export [{definition.Options.Name}] cannot have layers (copyonwrite, cow, partition, offset, length, bitmap, rate, delay_*, error_*, log_requests)");
             }
 
             if ((definition.Format is not null && definition.Backend is not ("file" or "directory")) || (definition.Snapshot is not null && definition.Backend != "file"))
@@ -444,6 +444,18 @@ public static class IniConfigurationReader
                 break;
             case "log_requests":
                 export.Layers.LogRequests = value;
+                break;
+            case "bitmap":
+            case "bitmaps":
+                export.Layers.Bitmaps.AddRange(value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries));
+                break;
+            case "bitmap_granularity":
+            case "bitmap-granularity":
+                export.Layers.BitmapGranularity = PositiveSize(value, where, key);
+                break;
+            case "bitmap_dir":
+            case "bitmap-dir":
+                export.Layers.BitmapDirectory = value;
                 break;
             case "overlay":
                 export.Layers.Overlay = value;

@@ -19,7 +19,8 @@ public enum CowMode
 /// <summary>
 /// The layers an export stacks on its backend (issue 14), from command-line options or configuration keys. Their
 /// order is fixed, bottom up: the range (a partition, or an offset and length) on the backend, then the overlay,
-/// so an overlay over a partition never writes the disk. An export with none of them is served from the backend
+/// so an overlay over a partition never writes the disk, then the dirty bitmaps (which record what the client
+/// changed, whatever lies below), then the filters and the request log. An export with none of them is served from the backend
 /// itself, with no layer in between.
 /// </summary>
 public sealed class LayerSettings
@@ -67,6 +68,23 @@ public sealed class LayerSettings
     public string? LogRequests { get; set; }
 
     /// <summary>
+    /// Dirty bitmaps kept of every write, zero and trim (<c>--bitmap NAME</c>, <c>bitmap = a, b</c>; docs/bitmaps.md),
+    /// each created all clean when missing. Default: none.
+    /// </summary>
+    public List<string> Bitmaps { get; } = [];
+
+    /// <summary>
+    /// Bytes one bit of a new bitmap covers (a power of two, 512 or more). Default: null, 64 KiB for a new bitmap and
+    /// whatever an existing one was made with (given and different: refused).
+    /// </summary>
+    public long? BitmapGranularity { get; set; }
+
+    /// <summary>
+    /// Where bitmap files go. Default: null, beside an image file, and in /var/lib/spindle/bitmaps for a block device.
+    /// </summary>
+    public string? BitmapDirectory { get; set; }
+
+    /// <summary>
     /// A persistent overlay: this qcow2 file, with the image as its backing file, created when missing and served
     /// in place of the image (<see cref="PersistentOverlay"/>). Default: null, none.
     /// </summary>
@@ -74,12 +92,13 @@ public sealed class LayerSettings
 
     /// <summary>Every setting in one string: a reload that changes any of them reopens the export's device.</summary>
     public string Fingerprint => string.Join('|', Cow, CowDirectory, Partition, Offset, Length, Rate, RateBurst, DelayRead, DelayWrite,
-        ErrorRate?.ToString(System.Globalization.CultureInfo.InvariantCulture), ErrorCode, ErrorCommands, ErrorSeed, LogRequests) + "|overlay=" + Overlay;
+        ErrorRate?.ToString(System.Globalization.CultureInfo.InvariantCulture), ErrorCode, ErrorCommands, ErrorSeed, LogRequests,
+        string.Join(',', Bitmaps), BitmapGranularity, BitmapDirectory) + "|overlay=" + Overlay;
 
     /// <summary>True when the export has no layer at all.</summary>
     public bool IsEmpty => Cow == CowMode.None && Partition is null && Offset is null && Length is null &&
         Rate is null && DelayRead is null && DelayWrite is null && ErrorRate is null && LogRequests is null &&
-        Overlay is null;
+        Overlay is null && Bitmaps.Count == 0;
 
     /// <summary>Parses an errno name (EIO, ENOSPC, EPERM, ENOMEM, EINVAL, EOVERFLOW, ENOTSUP, ESHUTDOWN).</summary>
     public static Spindle.Protocol.NbdError ParseErrno(string text, string where) => text.Trim().ToUpperInvariant() switch
@@ -144,6 +163,11 @@ internal static class LayerStack
             throw new ConfigurationException($"{definition.Source}: a rate burst needs a rate (--rate, rate = BYTES)");
         }
 
+        if (layers.Bitmaps.Count == 0 && (layers.BitmapGranularity is not null || layers.BitmapDirectory is not null))
+        {
+            throw new ConfigurationException($"{definition.Source}: a bitmap granularity or directory needs a bitmap (--bitmap NAME, bitmap = NAME)");
+        }
+
         if (layers.IsEmpty)
         {
             return BackendFactory.Open(definition);
@@ -198,6 +222,11 @@ internal static class LayerStack
                 CowMode.PerConnection => new PerConnectionCowDevice(device, layers.CowDirectory, ownsBase: true),
                 _ => device,
             };
+
+            if (layers.Bitmaps.Count > 0)
+            {
+                device = BitmapLayer.Open(definition, device);
+            }
 
             // The filters sit above the data layers so a client sees their effect, and the log on top sees it all
             // (injected errors, delays and waits for the rate included).
