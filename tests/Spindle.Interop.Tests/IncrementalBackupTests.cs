@@ -8,7 +8,8 @@ namespace Spindle.Interop.Tests;
 /// The whole incremental backup of issue 14 with Spindle at both ends: a raw image served with
 /// <c>spindle serve --bitmap NAME</c> records what qemu-io changes, <c>spindle copy --bitmap NAME</c> brings a full
 /// copy up to date from the read-only server, cmp finds the copy identical, and after <c>spindle bitmap clear</c> a
-/// second round copies only the second round's changes.
+/// second round copies only the second round's changes. The same from the local image with no server (the bitmap read
+/// from its file, or a qcow2 image's own bitmap), refused while a server holds the bitmap.
 /// </summary>
 public sealed class IncrementalBackupTests
 {
@@ -62,5 +63,52 @@ public sealed class IncrementalBackupTests
             var clear = await SpindleProcess.RunAsync("bitmap", "clear", image, "backup");
             Assert.True(clear.ExitCode == 0, clear.ToString());
         }
+    }
+
+    [Fact]
+    public async Task A_local_image_is_a_source_with_its_bitmap_file_or_its_own_qcow2_bitmap_but_not_while_served()
+    {
+        using var directory = new TempDirectory();
+        var image = directory.File("disk.img");
+        await File.WriteAllBytesAsync(image, Patterns.Random((int)Size, seed: 15), TestContext.Current.CancellationToken);
+        var backup = directory.File("backup.img");
+        Assert.Equal(0, (await SpindleProcess.RunAsync("bitmap", "add", image, "nightly")).ExitCode);
+        Assert.Equal(0, (await SpindleProcess.RunAsync("copy", image, backup)).ExitCode);
+
+        await using (var server = await SpindleProcess.StartAsync("serve", "--bitmap", "nightly", "--bind", "127.0.0.1", "--port", "0", "--print-uri", image))
+        {
+            await PeerTool.RunCheckedAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x66 2M 70k", "-c", "write -z 12M 256k", "-c", "write -P 0x77 33M 512", server.Uri!]);
+
+            // The server holds the bitmap: the image is live, so a local copy is refused and the backup left alone.
+            var busy = await SpindleProcess.RunAsync("copy", "--bitmap", "nightly", image, backup);
+            Assert.Equal(1, busy.ExitCode);
+            Assert.Contains("nightly", busy.StandardError, StringComparison.Ordinal);
+            Assert.Equal(0, await server.StopAsync());
+        }
+
+        var unknown = await SpindleProcess.RunAsync("copy", "--bitmap", "weekly", image, backup);
+        Assert.Equal(1, unknown.ExitCode);
+        Assert.Contains("nightly", unknown.StandardError, StringComparison.Ordinal); // names the bitmaps it has
+
+        var copy = await SpindleProcess.RunAsync("copy", "--json", "--bitmap", "nightly", image, backup);
+        Assert.True(copy.ExitCode == 0, copy.ToString());
+        await PeerTool.RunCheckedAsync("cmp", [image, backup]);
+        var summary = JsonDocument.Parse(copy.StandardOutput).RootElement;
+        Assert.Equal(7 * 64 * 1024, summary.GetProperty("dirty_bytes").GetInt64()); // 2M+70k: 2 granules; 12M+256k: 4; 33M+512: 1
+        Assert.Equal(0, (await SpindleProcess.RunAsync("bitmap", "list", image)).ExitCode);
+
+        // A qcow2 image's own persistent bitmap, kept by qemu-io: the same command, no server either.
+        var qcow2 = directory.File("vm.qcow2");
+        await PeerTool.RunCheckedAsync("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", image, qcow2]);
+        var qcow2Backup = directory.File("vm-backup.img");
+        Assert.Equal(0, (await SpindleProcess.RunAsync("copy", qcow2, qcow2Backup)).ExitCode);
+        await PeerTool.RunCheckedAsync("qemu-img", ["bitmap", "--add", qcow2, "q"]);
+        await PeerTool.RunCheckedAsync("qemu-io", ["-f", "qcow2", "-c", "write -P 0x88 7M 1M", qcow2]);
+        var fromQcow2 = await SpindleProcess.RunAsync("copy", "--json", "--bitmap", "q", qcow2, qcow2Backup);
+        Assert.True(fromQcow2.ExitCode == 0, fromQcow2.ToString());
+        Assert.Equal(1L << 20, JsonDocument.Parse(fromQcow2.StandardOutput).RootElement.GetProperty("dirty_bytes").GetInt64());
+        var raw = directory.File("vm.raw");
+        await PeerTool.RunCheckedAsync("qemu-img", ["convert", "-f", "qcow2", "-O", "raw", qcow2, raw]);
+        await PeerTool.RunCheckedAsync("cmp", [raw, qcow2Backup]);
     }
 }

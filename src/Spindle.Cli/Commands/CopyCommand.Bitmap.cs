@@ -8,8 +8,8 @@ namespace Spindle.Cli.Commands;
 
 /// <summary>
 /// <c>spindle copy --bitmap NAME SRC DST</c>: an incremental backup. The source server offers the dirty bitmap NAME as
-/// the metadata context <c>qemu:dirty-bitmap:NAME</c> (qemu-nbd -B NAME, or Spindle serving a qcow2 image with a
-/// persistent bitmap); the destination is the copy made last time, the same size. Only the ranges the bitmap marks
+/// the metadata context <c>qemu:dirty-bitmap:NAME</c> (qemu-nbd -B NAME, or <c>spindle serve --bitmap NAME</c>), or
+/// the source is a local image with that bitmap (CopyCommand.LocalBitmap.cs); the destination is the copy made last time, the same size. Only the ranges the bitmap marks
 /// dirty are copied; inside them <c>base:allocation</c> still says which bytes are zeroes, so those become
 /// WRITE_ZEROES (or punched holes) on the destination instead of reads.
 /// </summary>
@@ -31,28 +31,32 @@ internal static partial class CopyCommand
             throw new FormatException("--destination-is-zero cannot go with --bitmap: the destination is the copy made last time, not zeroes");
         }
 
-        if (!NbdUri.LooksLikeUri(sourceName))
-        {
-            // TODO(lead): when `spindle bitmap` (the bitmap store beside raw images) is on main, a local image with a
-            // stored bitmap could be read here directly.
-            throw new NotSupportedException(
-                $"spindle copy --bitmap needs an NBD source that offers {context}, not the local file '{sourceName}': serve the image first " +
-                $"(qemu-nbd -r -B {bitmap} -f qcow2 IMAGE, or spindle serve --read-only IMAGE for a qcow2 image with that persistent bitmap) and give its nbd:// URI");
-        }
-
         if (destinationName.StartsWith(NullName, StringComparison.Ordinal))
         {
             throw new FormatException($"spindle copy --bitmap writes into the copy made last time: {NullName} cannot be the destination");
         }
 
-        var client = await ConnectBitmapSourceAsync(sourceName, context, settings, cancellationToken).ConfigureAwait(false);
-        var source = new NbdBlockDevice(client, readOnly: true);
+        BlockDevice source;
+        Func<Task<(IReadOnlyList<ByteRange> Ranges, long DirtyBytes)>> readRanges;
+        if (NbdUri.LooksLikeUri(sourceName))
+        {
+            var client = await ConnectBitmapSourceAsync(sourceName, context, settings, cancellationToken).ConfigureAwait(false);
+            source = new NbdBlockDevice(client, readOnly: true);
+            readRanges = () => ReadDirtyRangesAsync(client, context, client.Export.Size, cancellationToken);
+        }
+        else
+        {
+            var (device, bitmapContext) = await OpenLocalBitmapSourceAsync(sourceName, context, cancellationToken).ConfigureAwait(false);
+            source = device;
+            readRanges = () => ReadDirtyRangesAsync(bitmapContext, device.Size, cancellationToken);
+        }
+
         await using (source.ConfigureAwait(false))
         {
             var destination = await OpenExistingDestinationAsync(destinationName, source.Size, settings, cancellationToken).ConfigureAwait(false);
             await using (destination.ConfigureAwait(false))
             {
-                var (ranges, dirtyBytes) = await ReadDirtyRangesAsync(client, context, source.Size, cancellationToken).ConfigureAwait(false);
+                var (ranges, dirtyBytes) = await readRanges().ConfigureAwait(false);
                 var engine = new CopyEngine(source, destination, settings with { DestinationIsZero = false, Ranges = ranges });
                 using var bar = showProgress ? new ProgressBar(engine.TotalBytes, () => engine.DoneBytes) : null;
                 var result = await engine.RunAsync(cancellationToken).ConfigureAwait(false);
