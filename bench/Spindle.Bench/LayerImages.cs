@@ -21,8 +21,10 @@ internal static class LayerImages
     /// <summary>Deletes every file named after the served copy plus a suffix (<c>SERVER.served.*</c>): what a layer keeps beside an image.</summary>
     private static void RemoveSidecars(string copy)
     {
+        // Filtered by hand: the pattern "NAME.*" also matches NAME itself (Win32 wildcard rules, which .NET keeps).
         var directory = Path.GetDirectoryName(copy)!;
-        foreach (var sidecar in Directory.EnumerateFileSystemEntries(directory, Path.GetFileName(copy) + ".*"))
+        var prefix = Path.GetFileName(copy) + ".";
+        foreach (var sidecar in Directory.EnumerateFileSystemEntries(directory).Where(p => Path.GetFileName(p).StartsWith(prefix, StringComparison.Ordinal)).ToList())
         {
             if (Directory.Exists(sidecar))
             {
