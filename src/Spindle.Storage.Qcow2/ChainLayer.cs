@@ -15,6 +15,12 @@ internal interface IChainLayer : IAsyncDisposable
     /// <summary>Reads <paramref name="destination"/> at <paramref name="offset"/> (within the layer).</summary>
     void ReadLayer(long offset, Span<byte> destination);
 
+    /// <summary>
+    /// Reads only if it can be done at once (metadata cached, data in the page cache), as
+    /// <see cref="BlockDevice.TryReadImmediate"/>; false leaves <paramref name="destination"/> to <see cref="ReadLayer"/>.
+    /// </summary>
+    bool TryReadLayerImmediate(long offset, Span<byte> destination);
+
     /// <summary>Appends base:allocation extents for the range, as the whole chain from this layer down reads it.</summary>
     void DescribeLayer(long offset, long length, ExtentList extents);
 
@@ -58,6 +64,8 @@ internal sealed class RawLayer : IChainLayer
             System.Buffers.ArrayPool<byte>.Shared.Return(array);
         }
     }
+
+    public bool TryReadLayerImmediate(long offset, Span<byte> destination) => _device.TryReadImmediate(offset, destination);
 
     public void DescribeLayer(long offset, long length, ExtentList extents)
     {

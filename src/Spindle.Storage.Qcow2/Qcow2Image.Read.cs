@@ -42,7 +42,8 @@ public sealed partial class Qcow2Image
 
     /// <summary>
     /// Serves a read at once when its L2 tables are cached and its data is in the page cache (preadv2 RWF_NOWAIT);
-    /// anything else (a table to load, the backing chain, a compressed cluster) goes through <see cref="ReadAsync"/>.
+    /// unallocated clusters come from a backing layer that can read them at once (or are zeroes with none); anything
+    /// else (a table to load, a backing layer that would wait, a compressed cluster) goes through <see cref="ReadAsync"/>.
     /// </summary>
     public override bool TryReadImmediate(long offset, Span<byte> destination)
     {
@@ -68,12 +69,7 @@ public sealed partial class Qcow2Image
                 switch (run.Kind)
                 {
                     case RunKind.Data when _file.TryReadCached(part, run.Host):
-                    case RunKind.Unallocated when _backing is null:
-                        if (run.Kind == RunKind.Unallocated)
-                        {
-                            part.Clear();
-                        }
-
+                    case RunKind.Unallocated when TryReadBackingImmediate(guest, part):
                         break;
                     case RunKind.Zero:
                         part.Clear();
@@ -126,6 +122,23 @@ public sealed partial class Qcow2Image
                 ReadCompressed(run.Entry, (int)(guest & _clusterMask), destination);
                 break;
         }
+    }
+
+    /// <summary>
+    /// <see cref="ReadBacking"/> done at once or not at all: the backing layer reads at once (its own tables cached, its
+    /// data in the page cache), or there is none. A persistent overlay's reads of its base go this way.
+    /// </summary>
+    private bool TryReadBackingImmediate(long guest, Span<byte> destination)
+    {
+        var backing = _backing;
+        var inside = backing is null ? 0 : (int)Math.Clamp(backing.Size - guest, 0, destination.Length);
+        if (inside > 0 && !backing!.TryReadLayerImmediate(guest, destination[..inside]))
+        {
+            return false;
+        }
+
+        destination[inside..].Clear();
+        return true;
     }
 
     /// <summary>Reads from the backing chain; what lies past the backing file's end (or with no backing file) is zeroes.</summary>
@@ -277,6 +290,8 @@ public sealed partial class Qcow2Image
     }
 
     void IChainLayer.ReadLayer(long offset, Span<byte> destination) => ReadGuest(offset, destination);
+
+    bool IChainLayer.TryReadLayerImmediate(long offset, Span<byte> destination) => TryReadImmediate(offset, destination);
 
     void IChainLayer.DescribeLayer(long offset, long length, ExtentList extents) => DescribeGuest(offset, length, extents);
 

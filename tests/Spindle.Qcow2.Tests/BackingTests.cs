@@ -49,6 +49,42 @@ public sealed class BackingTests
         Assert.True(await Qemu.Same(directory.File("dump.raw"), "raw", top, "qcow2"));
     }
 
+    /// <summary>
+    /// The connection thread's read path through the chain (a persistent overlay reads its base this way): once the
+    /// tables and data are cached, reads of every layer are served at once, and always as the slow path reads them.
+    /// </summary>
+    [Theory]
+    [InlineData("compat=1.1,cluster_size=65536")]
+    [InlineData("compat=1.1,cluster_size=65536,extended_l2=on")]
+    public async Task Immediate_reads_through_the_chain_agree_with_the_slow_path(string topOptions)
+    {
+        using var directory = new TempDirectory();
+        var top = await CreateChain(directory, topOptions);
+        await using var device = Qcow2Image.Open(top, new Qcow2OpenOptions { ReadOnly = true });
+        var expected = new byte[TopSize];
+        await device.ReadAsync(0, expected, CancellationToken.None); // loads every table, caches every file
+
+        // Base only (below both qcow2 layers), mid only, top, zeroes, past the base's end: all at once now.
+        foreach (var offset in new long[] { 200_000, (1L << 20) + 4096, 1536L << 10, 6L << 20, 13L << 20 })
+        {
+            var buffer = new byte[8192];
+            Assert.True(device.TryReadImmediate(offset, buffer), $"offset {offset}");
+            Assert.Equal(expected.AsSpan((int)offset, buffer.Length).ToArray(), buffer);
+        }
+
+        var random = new Random(77);
+        for (var i = 0; i < 300; i++)
+        {
+            var length = random.Next(1, 300_000);
+            var offset = random.NextInt64(TopSize - length);
+            var buffer = new byte[length];
+            if (device.TryReadImmediate(offset, buffer))
+            {
+                Assert.Equal(expected.AsSpan((int)offset, length).ToArray(), buffer);
+            }
+        }
+    }
+
     [Theory]
     [InlineData("compat=1.1,cluster_size=65536")]
     [InlineData("compat=1.1,cluster_size=65536,extended_l2=on")]
