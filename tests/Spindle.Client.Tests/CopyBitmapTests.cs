@@ -149,9 +149,10 @@ public sealed class CopyBitmapTests
         Assert.Contains("the same size", mismatch.StandardError, StringComparison.Ordinal);
         Assert.Equal(Size - 4096, new FileInfo(small).Length);
 
+        // A local image with no bitmap of that name: refused, naming what it has.
         var local = await SpindleCli.RunAsync("copy", "--bitmap", Bitmap, small, directory.CreateSparseFile("other.img", Size - 4096));
         AssertExit(1, local);
-        Assert.Contains("needs an NBD source", local.StandardError, StringComparison.Ordinal);
+        Assert.Contains($"has no bitmap '{Bitmap}' (it has none", local.StandardError, StringComparison.Ordinal);
 
         AssertExit(2, await SpindleCli.RunAsync("copy", "--bitmap", Bitmap, uri, "null:"));
         AssertExit(2, await SpindleCli.RunAsync("copy", "--bitmap", Bitmap, "--destination-is-zero", uri, small));

@@ -140,9 +140,10 @@ public sealed class CopyBitmapInteropTests
         Assert.Contains($"is {Size + (1 << 20)} bytes but the source is {Size}", mismatch.StandardError, StringComparison.Ordinal);
         Assert.Equal(Size + (1 << 20), new FileInfo(larger).Length);
 
-        var local = await SpindleProcess.RunAsync("copy", "--bitmap", Bitmap, image, backup);
+        // The local image read directly: a bitmap it does not have is refused, naming the one it has.
+        var local = await SpindleProcess.RunAsync("copy", "--bitmap", "other", image, backup);
         Assert.True(local.ExitCode == 1, local.ToString());
-        Assert.Contains("needs an NBD source", local.StandardError, StringComparison.Ordinal);
+        Assert.Contains($"has no bitmap 'other' (it has {Bitmap};", local.StandardError, StringComparison.Ordinal);
 
         // Without -B, qemu-nbd offers only base:allocation.
         await using var plain = await PeerServer.StartQemuNbdAsync(["-r", "-f", "qcow2", image]);

@@ -39,7 +39,10 @@ internal static partial class CopyCommand
             var location = BitmapLocation.For(path, device is FileBlockDevice { IsBlockDevice: true }, stateDirectory: null);
             if (!File.Exists(location.PathOf(name)))
             {
-                var known = Directory.Exists(location.Directory) ? location.Names() : [];
+                // Both kinds it has: a qcow2 image's own bitmaps and the ones Spindle keeps for it.
+                var known = device.MetaContexts.Select(c => c.Name).Where(n => n.StartsWith(DirtyBitmapPrefix, StringComparison.Ordinal))
+                    .Select(n => n[DirtyBitmapPrefix.Length..])
+                    .Concat(Directory.Exists(location.Directory) ? location.Names() : []).Distinct().ToList();
                 throw new FileNotFoundException(
                     $"{path} has no bitmap '{name}' ({(known.Count == 0 ? "it has none" : "it has " + string.Join(", ", known))}; spindle bitmap list {path})");
             }

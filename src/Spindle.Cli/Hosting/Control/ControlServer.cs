@@ -140,7 +140,10 @@ internal sealed class ControlServer : IAsyncDisposable
         string answer;
         try
         {
+            // The request is read (bounded in size and time) even from a peer that is refused: closing a Unix socket
+            // with its request unread resets the connection, and the peer would see ECONNRESET instead of the refusal.
             var uid = PeerUid(client);
+            var line = await ReadLineAsync(stream, timeout.Token).ConfigureAwait(false);
             if (uid != 0 && uid != Posix.geteuid())
             {
                 ControlLog.Refused(_logger, uid);
@@ -148,7 +151,6 @@ internal sealed class ControlServer : IAsyncDisposable
             }
             else
             {
-                var line = await ReadLineAsync(stream, timeout.Token).ConfigureAwait(false);
                 answer = line is null ? ControlProtocol.Error($"a request is one JSON line of at most {MaxRequestBytes} bytes") : await DispatchAsync(line).ConfigureAwait(false);
             }
 
