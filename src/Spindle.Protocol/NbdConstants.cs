@@ -237,6 +237,9 @@ public static class MetaContexts
 {
     public const string BaseNamespace = "base:";
     public const string BaseAllocation = "base:allocation";
+
+    /// <summary>qemu's dirty bitmaps, <c>qemu:dirty-bitmap:NAME</c>: status bit 0 set where the bitmap is dirty.</summary>
+    public const string DirtyBitmapPrefix = "qemu:dirty-bitmap:";
 }
 
 /// <summary>

@@ -416,7 +416,7 @@ public sealed partial class Qcow2Image
     /// <summary>qemu:dirty-bitmap:NAME: status 1 where the bitmap is dirty, 0 where clean, at its granularity.</summary>
     private sealed class BitmapContext(DirtyBitmap bitmap) : MetaContextSource
     {
-        public override string Name => "qemu:dirty-bitmap:" + bitmap.Name;
+        public override string Name => Spindle.Protocol.MetaContexts.DirtyBitmapPrefix + bitmap.Name;
 
         public override ValueTask GetStatusAsync(long offset, long length, ExtentList status, CancellationToken cancellationToken)
         {

@@ -15,9 +15,6 @@ namespace Spindle.Cli.Commands;
 /// </summary>
 internal static partial class CopyCommand
 {
-    /// <summary>The namespace of qemu's dirty bitmap contexts; a status has bit 0 set where the bitmap is dirty.</summary>
-    internal const string DirtyBitmapPrefix = "qemu:dirty-bitmap:";
-
     /// <summary>What a bitmap copy adds to the summary: how much the bitmap said was dirty.</summary>
     internal sealed record DirtySummary(string Context, long DirtyBytes, int DirtyRanges);
 
@@ -69,13 +66,13 @@ internal static partial class CopyCommand
     /// <summary>NAME, or the whole context name, to <c>qemu:dirty-bitmap:NAME</c>.</summary>
     internal static string BitmapContext(string bitmap)
     {
-        var name = bitmap.StartsWith(DirtyBitmapPrefix, StringComparison.Ordinal) ? bitmap[DirtyBitmapPrefix.Length..] : bitmap;
+        var name = bitmap.StartsWith(MetaContexts.DirtyBitmapPrefix, StringComparison.Ordinal) ? bitmap[MetaContexts.DirtyBitmapPrefix.Length..] : bitmap;
         if (name.Length == 0)
         {
             throw new FormatException("--bitmap needs the bitmap's name");
         }
 
-        var context = DirtyBitmapPrefix + name;
+        var context = MetaContexts.DirtyBitmapPrefix + name;
         try
         {
             NbdString.Validate(context, "--bitmap");

@@ -1,4 +1,5 @@
 using Spindle.Cli.Hosting;
+using Spindle.Protocol;
 using Spindle.Server.Exports;
 using Spindle.Storage;
 using Spindle.Storage.Layers;
@@ -21,7 +22,7 @@ internal static partial class CopyCommand
     private static async Task<(BlockDevice Device, MetaContextSource Bitmap)> OpenLocalBitmapSourceAsync(string path, string context, CancellationToken cancellationToken)
     {
         cancellationToken.ThrowIfCancellationRequested();
-        var name = context[DirtyBitmapPrefix.Length..];
+        var name = context[MetaContexts.DirtyBitmapPrefix.Length..];
         if (!File.Exists(path) && !(path.StartsWith("/dev/", StringComparison.Ordinal) && Path.Exists(path)))
         {
             throw new FileNotFoundException($"source '{path}' does not exist");
@@ -40,8 +41,8 @@ internal static partial class CopyCommand
             if (!File.Exists(location.PathOf(name)))
             {
                 // Both kinds it has: a qcow2 image's own bitmaps and the ones Spindle keeps for it.
-                var known = device.MetaContexts.Select(c => c.Name).Where(n => n.StartsWith(DirtyBitmapPrefix, StringComparison.Ordinal))
-                    .Select(n => n[DirtyBitmapPrefix.Length..])
+                var known = device.MetaContexts.Select(c => c.Name).Where(n => n.StartsWith(MetaContexts.DirtyBitmapPrefix, StringComparison.Ordinal))
+                    .Select(n => n[MetaContexts.DirtyBitmapPrefix.Length..])
                     .Concat(Directory.Exists(location.Directory) ? location.Names() : []).Distinct().ToList();
                 throw new FileNotFoundException(
                     $"{path} has no bitmap '{name}' ({(known.Count == 0 ? "it has none" : "it has " + string.Join(", ", known))}; spindle bitmap list {path})");

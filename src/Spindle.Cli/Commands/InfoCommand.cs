@@ -174,7 +174,7 @@ internal static class InfoCommand
             return new NbdExtent(0, 0, flags).AllocationDescription;
         }
 
-        if (context.StartsWith("qemu:dirty-bitmap:", StringComparison.Ordinal))
+        if (context.StartsWith(MetaContexts.DirtyBitmapPrefix, StringComparison.Ordinal))
         {
             return (flags & 1) != 0 ? "dirty" : "clean";
         }
